@@ -1,0 +1,121 @@
+"""Shell utilities shared by the studies: atomic files, JSON lines, progress, timing."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+
+def log(message: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+  seconds = int(round(seconds))
+  m, s = divmod(seconds, 60)
+  h, m = divmod(m, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+  atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
+  lines = [json.dumps(r, sort_keys=True, default=_json_default) for r in records]
+  atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """Records of a JSON-lines file; a malformed line is an error naming file and line."""
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for i, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {i} is not valid JSON ({e.msg})") from e
+  return out
+
+
+def _json_default(obj: Any) -> Any:
+  import numpy as np
+  if isinstance(obj, np.generic):
+    return obj.item()
+  if isinstance(obj, np.ndarray):
+    return obj.tolist()
+  if isinstance(obj, pathlib.Path):
+    return str(obj)
+  raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+class Progress:
+  """A one-line progress display: `label  step/total  rate  ETA  extra` (stderr)."""
+
+  def __init__(self, label: str, total: int, every: float = 1.0, stream=None):
+    self.label, self.total, self.every = label, max(int(total), 1), every
+    self.stream = stream or sys.stderr
+    self.start = time.time()
+    self._last = 0.0
+    self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+  def update(self, done: int, extra: str = "", force: bool = False) -> None:
+    now = time.time()
+    if not force and now - self._last < self.every and done < self.total:
+      return
+    self._last = now
+    elapsed = now - self.start
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (self.total - done) / rate if rate > 0 else float("nan")
+    eta_s = format_seconds(eta) if eta == eta else "?"
+    line = (f"{self.label} {done}/{self.total} ({100 * done / self.total:5.1f}%) "
+            f"{format_seconds(elapsed)} elapsed, ETA {eta_s} {extra}")
+    if self._tty:
+      self.stream.write("\r" + line[:200].ljust(100))
+      if done >= self.total:
+        self.stream.write("\n")
+    else:
+      self.stream.write(f"[{time.strftime('%H:%M:%S')}] {line}\n")
+    self.stream.flush()
+
+  def close(self) -> None:
+    self.update(self.total, force=True)
+
+
+@contextlib.contextmanager
+def stage(name: str) -> Iterator[None]:
+  """Log the start and the wall time of a pipeline stage."""
+  log(f"stage {name}: start")
+  start = time.time()
+  yield
+  log(f"stage {name}: done in {format_seconds(time.time() - start)}")
