@@ -55,6 +55,8 @@ class ModelConfig:
   rope_theta: float = 10000.0
   # Hashable form of a Hugging Face `rope_scaling` dict: (("rope_type", "llama3"), ...).
   rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  # Mistral-style local attention: query t sees keys s with t - window < s <= t. None: full.
+  sliding_window: int | None = None
   qkv_bias: bool = False
   o_bias: bool = False
   mlp_bias: bool = False
@@ -87,6 +89,10 @@ class ModelConfig:
       raise ValueError(f"rotary positions need an even head_dim, got {self.resolved_head_dim}")
     if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
       raise ValueError("ModelConfig.norm_eps, init_std and rope_theta must be > 0")
+    if self.sliding_window is not None and (
+        not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+      raise ValueError(
+          f"ModelConfig.sliding_window must be None or a positive int, got {self.sliding_window!r}")
     if self.rope_scaling is not None:
       rope_type = dict(self.rope_scaling).get("rope_type", "default")
       _check_choice("rope_scaling.rope_type", rope_type, _ROPE_TYPES)
@@ -243,6 +249,8 @@ class Attention(nn.Module):
     q = q.reshape(b, t, kv, groups, dh)
     logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(dh)
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    if cfg.sliding_window is not None:
+      causal = causal & ~jnp.tril(causal, -cfg.sliding_window)
     logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h * dh)
