@@ -1,0 +1,18 @@
+"""Recycling zoo: merges, routers and the many-combination evaluator.
+
+Modules: `merge` (merge(adapters, method, weights, flavor=..., **options) -> MergeResult and
+the method registries), `route` (Arrow, oracle, similarity routing), `lorahub` (few-shot
+weight search) and `evaluate` (score_combinations). The submodule `merge` keeps its name
+here, so call the function as `recycle.merge.merge(...)`.
+"""
+
+from lora_limits.recycle import evaluate, lorahub, merge, route
+from lora_limits.recycle.evaluate import (
+    METRICS, ScorePlan, estimate_bytes, make_plan, memory_analysis, score_combinations,
+    sequence_metrics, simplex_grid)
+from lora_limits.recycle.lorahub import LoraHubConfig, LoraHubResult, lorahub_search
+from lora_limits.recycle.merge import (
+    METHODS, PEFT_METHODS, MergeMethod, MergeResult, available, check_adapters, method_info)
+from lora_limits.recycle.route import (
+    ArrowRouter, adapter_centroid, arrow_prototypes, arrow_router, arrow_weights, oracle_mix,
+    oracle_weights, prompt_embeddings, similarity_mix, similarity_weights, top_k_softmax)
