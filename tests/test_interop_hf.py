@@ -190,6 +190,23 @@ def test_config_round_trip_and_inexpressible_configs_are_refused():
     hf.hf_config(cfg, "bert")
 
 
+def test_legacy_rope_fields_are_read():
+  """config.json files written before transformers v5 keep rope_theta / rope_scaling."""
+  cfg, _ = hf.config_from_hf(dict(
+      model_type="llama", vocab_size=V, hidden_size=64, intermediate_size=96,
+      num_hidden_layers=1, num_attention_heads=4, rope_theta=500000.0,
+      rope_scaling={"type": "linear", "factor": 2.0}))
+  assert cfg.rope_theta == 500000.0
+  assert cfg.rope_scaling == (("factor", 2.0), ("rope_type", "linear"))
+  cfg, arch = hf.config_from_hf(dict(
+      model_type="qwen2", vocab_size=V, hidden_size=64, intermediate_size=96,
+      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6,
+      rope_scaling=None, use_sliding_window=False, sliding_window=131072,
+      max_window_layers=28, tie_word_embeddings=True))
+  assert (arch, cfg.rope_theta, cfg.rope_scaling, cfg.sliding_window) == ("qwen2", 1e6, None, None)
+  assert cfg.qkv_bias and not cfg.o_bias and cfg.n_kv_heads == 2
+
+
 def _llama_config(**kw):
   base = dict(model_type="llama", vocab_size=V, hidden_size=64, intermediate_size=96,
               num_hidden_layers=1, num_attention_heads=4)

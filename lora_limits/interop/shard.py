@@ -63,7 +63,7 @@ def spec_for(path: str, shape: tuple[int, ...], rules: Rules, mesh: Mesh) -> P:
         f"sharding rule {pattern!r} gives {spec} ({len(spec)} dims) for {path!r}, which has "
         f"shape {tuple(shape)}")
   entries = []
-  for dim, names in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+  for dim, names in zip(shape, spec):
     if names is None:
       entries.append(None)
       continue
