@@ -34,18 +34,19 @@ class _Record:
     return all(self.checks.values())
 
   def to_dict(self) -> dict[str, Any]:
-    out = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+    out = {f.name: jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
     out["passed"] = self.passed
     return out
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+  """numpy arrays and scalars → lists and Python numbers (non-finite floats → strings)."""
   if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items()}
+    return {str(k): jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
+    return [jsonable(v) for v in x]
   if isinstance(x, np.ndarray):
-    return _jsonable(x.tolist())
+    return jsonable(x.tolist())
   if isinstance(x, np.bool_):
     return bool(x)
   if isinstance(x, np.integer):
