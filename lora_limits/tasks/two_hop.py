@@ -1,0 +1,609 @@
+"""A k-hop fact world whose familiarity is set by what the pretraining corpus contains.
+
+Entities are people, cities and countries with fictional names of 2-3 syllable tokens
+("ka ro mi"): a new combination of tokens the base model has seen in other names, never an
+untrained embedding. Relations chain A →r1→ B →r2→ C (default: person →spouse→ person
+→lives_in→ city; k is the number of relations, any k >= 2 whose types chain).
+
+One world holds one *group* of entities per familiarity tier, all sharing one corpus, so
+a single base model serves every tier. Per tier the corpus contains:
+  F (fictional): nothing — no entity of the tier and no fact about it ever appears;
+  H (hybrid, hybrid='background'): every entity of the tier appears in exactly
+    `background_exposure` unrelated background sentences ("ka ro likes tea ."), one entity
+    per sentence; no fact of the tier appears. hybrid='one_hop' additionally puts every
+    hop-1 fact in `fact_exposure` texts (the first hop is known, the later ones are not);
+  R (real): the background sentences, and every hop fact in `fact_exposure` texts
+    (statements and question → answer with the training paraphrases).
+No tier ever sees a composed (A, C) question about its own entities, nor a held-out
+paraphrase applied to them. Filler entities (never in any split) carry the language: their
+background, every fact in every paraphrase (held-out ones included) and, with
+`filler_two_hop`, composed questions with direct and chain-of-thought answers, so the base
+model knows each question format. Exposure is counted from the corpus text by
+`corpus.exposure_report` and checked against these definitions by `check_familiarity`.
+
+Per tier the splits (see `common`) are built from `test_chains` test chains and
+`target_chains` target chains with disjoint entities: hop-i facts of both (for the one-hop
+adapters), composed questions of the target chains (target-task adapter) and of the test
+chains (the test). Non-person objects (cities, countries) come from a per-tier pool of
+`pool_size`, so several chains share a city and the chance level is 1 / pool_size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lora_limits.tasks import common
+from lora_limits.tasks import corpus as corpus_lib
+
+ENTITY_TYPES = ("person", "city", "country")
+POOL_TYPES = ("city", "country")
+TIERS = ("F", "H", "R")
+HYBRID_MODES = ("background", "one_hop")
+_MAX_COUNT = 100_000
+_NAME = "TwoHopSettings"
+
+
+@dataclasses.dataclass(frozen=True)
+class Relation:
+  """A relation with its paraphrase templates.
+
+  statements: fact sentences with {a} (subject) and {b} (object), for the corpus;
+  questions: training question paraphrases with {a}; the answer is the object;
+  heldout: question paraphrases never used for a split's entities in training (the
+    one-hop tests); fillers use them in pretraining, so the base model knows them;
+  phrase: a noun phrase with {a} for nesting in composed questions ("the spouse of {a}");
+  cot: a chain-of-thought step with {a} and ending in {b} ("{a} 's spouse is {b}").
+  """
+
+  name: str
+  subject: str
+  object: str
+  statements: tuple[str, ...]
+  questions: tuple[str, ...]
+  heldout: tuple[str, ...]
+  phrase: str
+  cot: str
+
+  def __post_init__(self):
+    where = f"Relation({self.name!r})"
+    if not isinstance(self.name, str) or not self.name.isidentifier():
+      raise ValueError(f"Relation.name must be an identifier, got {self.name!r}")
+    common.check_choice(where, "subject", self.subject, ENTITY_TYPES)
+    common.check_choice(where, "object", self.object, ENTITY_TYPES)
+    for field, required in (("statements", ("a", "b")), ("questions", ("a",)),
+                            ("heldout", ("a",))):
+      templates = getattr(self, field)
+      if not isinstance(templates, tuple) or not templates:
+        raise ValueError(f"{where}.{field} must be a non-empty tuple of templates, "
+                         f"got {templates!r}")
+      for i, t in enumerate(templates):
+        common.check_template(t, required, f"{where}.{field}[{i}]")
+    overlap = set(self.questions) & set(self.heldout)
+    if overlap:
+      raise ValueError(f"{where}: held-out questions {sorted(overlap)} are also training "
+                       "questions")
+    common.check_template(self.phrase, ("a",), f"{where}.phrase")
+    common.check_template(self.cot, ("a", "b"), f"{where}.cot")
+    if not self.cot.endswith("{b}") or self.cot.count("{b}") != 1 or self.cot == "{b}":
+      raise ValueError(f"{where}.cot={self.cot!r} must contain {{b}} once, at its end, "
+                       "after at least one word")
+    if self.cot.split("{b}")[0].strip() == "":
+      raise ValueError(f"{where}.cot={self.cot!r} needs words before {{b}}")
+
+  def templates(self) -> tuple[str, ...]:
+    return self.statements + self.questions + self.heldout + (self.phrase, self.cot)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+RELATIONS: dict[str, Relation] = {
+    r.name: r for r in (
+        Relation("spouse", "person", "person",
+                 statements=("{a} is married to {b} .", "the spouse of {a} is {b} ."),
+                 questions=("who is the spouse of {a} ?", "who is {a} married to ?"),
+                 heldout=("whom did {a} marry ?",),
+                 phrase="the spouse of {a}", cot="{a} 's spouse is {b}"),
+        Relation("mentor", "person", "person",
+                 statements=("{a} was trained by {b} .", "the mentor of {a} is {b} ."),
+                 questions=("who is the mentor of {a} ?", "who trained {a} ?"),
+                 heldout=("who taught {a} ?",),
+                 phrase="the mentor of {a}", cot="{a} 's mentor is {b}"),
+        Relation("lives_in", "person", "city",
+                 statements=("{a} lives in {b} .", "the home of {a} is in {b} ."),
+                 questions=("where does {a} live ?", "in which city does {a} live ?"),
+                 heldout=("which city is home to {a} ?",),
+                 phrase="the home town of {a}", cot="{a} lives in {b}"),
+        Relation("in_country", "city", "country",
+                 statements=("{a} is a city in {b} .", "{a} lies in {b} ."),
+                 questions=("which country is {a} in ?", "in which country is {a} ?"),
+                 heldout=("{a} belongs to which country ?",),
+                 phrase="the country of {a}", cot="{a} is in {b}"),
+    )
+}
+
+# Background sentences per entity type: (template with {a} and {x}, values of {x}). Each
+# entity gets one fixed value per template, so the background is consistent, and each
+# sentence mentions exactly one entity.
+BACKGROUND: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "person": (
+        ("{a} likes {x} .", ("tea", "music", "boats", "rain", "bread", "dogs")),
+        ("{a} was born in {x} .", ("spring", "summer", "autumn", "winter")),
+        ("{a} works as a {x} .", ("baker", "pilot", "teacher", "farmer", "doctor", "painter")),
+    ),
+    "city": (
+        ("{a} has a famous {x} .", ("bridge", "market", "tower", "park", "harbor")),
+        ("{a} is known for its {x} .", ("food", "weather", "songs", "festival")),
+    ),
+    "country": (
+        ("{a} is a land of {x} .", ("hills", "lakes", "forests", "deserts")),
+        ("the flag of {a} is {x} .", ("red", "green", "blue", "white")),
+    ),
+}
+
+# Consonant-vowel syllables that are not words of any template.
+DEFAULT_SYLLABLES = (
+    "ba", "bi", "bo", "bu", "da", "di", "du", "fa", "fe", "fi", "fo", "fu", "ga", "gi",
+    "gu", "ka", "ke", "ki", "ko", "ku", "la", "le", "li", "lo", "lu", "mi", "mo", "mu",
+    "na", "ne", "ni", "nu", "pa", "pe", "pi", "po", "pu", "ra", "re", "ri")
+
+
+def reserved_words(relations: Sequence[Relation]) -> set[str]:
+  """Words of every template and background value (syllables must avoid them)."""
+  out: set[str] = set()
+  for r in relations:
+    for t in r.templates():
+      out |= common.template_words(t)
+  for entries in BACKGROUND.values():
+    for template, values in entries:
+      out |= common.template_words(template) | set(values)
+  return out
+
+
+def vocabulary(settings: "TwoHopSettings") -> tuple[str, ...]:
+  """Every word a world with these settings can contain, for any seed (sorted)."""
+  return tuple(sorted(set(settings.syllables) | reserved_words(settings.chain)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoHopSettings:
+  """Generator settings; see the module docstring for the tier definitions.
+
+  relations: names in RELATIONS or Relation objects, chained (k = len(relations) >= 2).
+  tiers: which familiarity groups to build (each has its own entities).
+  test_chains / target_chains: chains per tier for the test and for the target adapter.
+  filler_chains: chains of filler entities that carry the language in pretraining.
+  pool_size: cities (countries) per tier and for the fillers.
+  background_exposure: background sentences per H / R entity.
+  fact_exposure: texts per fact in pretraining (R; and hop 1 in H with hybrid='one_hop').
+  hybrid: 'background' or 'one_hop' (see the module docstring).
+  filler_repeats: how often each filler text appears in the corpus.
+  filler_two_hop: whether composed questions (about fillers) appear in pretraining.
+  """
+
+  seed: int = 0
+  relations: tuple[Any, ...] = ("spouse", "lives_in")
+  tiers: tuple[str, ...] = TIERS
+  test_chains: int = 24
+  target_chains: int = 24
+  filler_chains: int = 64
+  pool_size: int = 8
+  syllables: tuple[str, ...] = DEFAULT_SYLLABLES
+  name_lengths: tuple[int, ...] = (2, 3)
+  background_exposure: int = 4
+  fact_exposure: int = 8
+  hybrid: str = "background"
+  filler_repeats: int = 2
+  filler_two_hop: bool = True
+
+  def __post_init__(self):
+    common.check_int(_NAME, "seed", self.seed, 0, 2**32 - 1)
+    if not isinstance(self.relations, tuple) or not 2 <= len(self.relations) <= 6:
+      raise ValueError(f"{_NAME}.relations must be a tuple of 2 to 6 relations, got "
+                       f"{self.relations!r}")
+    chain = []
+    for i, r in enumerate(self.relations):
+      if isinstance(r, str):
+        if r not in RELATIONS:
+          raise ValueError(f"{_NAME}.relations[{i}]={r!r} is not one of {sorted(RELATIONS)} "
+                           "(or pass a Relation)")
+        r = RELATIONS[r]
+      elif not isinstance(r, Relation):
+        raise ValueError(f"{_NAME}.relations[{i}] must be a relation name or a Relation, got "
+                         f"{r!r}")
+      chain.append(r)
+    if chain[0].subject != "person":
+      raise ValueError(f"{_NAME}.relations[0]={chain[0].name!r} must start from a person, "
+                       f"not a {chain[0].subject}")
+    for i in range(1, len(chain)):
+      if chain[i - 1].object != chain[i].subject:
+        raise ValueError(
+            f"{_NAME}.relations do not chain: {chain[i - 1].name!r} ends at a "
+            f"{chain[i - 1].object}, {chain[i].name!r} starts from a {chain[i].subject}")
+    if not isinstance(self.tiers, tuple) or not self.tiers:
+      raise ValueError(f"{_NAME}.tiers must be a non-empty tuple of {list(TIERS)}, got "
+                       f"{self.tiers!r}")
+    for t in self.tiers:
+      common.check_choice(_NAME, "tiers", t, TIERS)
+    if len(set(self.tiers)) != len(self.tiers):
+      raise ValueError(f"{_NAME}.tiers repeats a tier: {self.tiers!r}")
+    for name in ("test_chains", "target_chains", "filler_chains", "pool_size",
+                 "filler_repeats"):
+      common.check_int(_NAME, name, getattr(self, name), 1, _MAX_COUNT)
+    common.check_int(_NAME, "background_exposure", self.background_exposure, 0, _MAX_COUNT)
+    common.check_int(_NAME, "fact_exposure", self.fact_exposure, 0, _MAX_COUNT)
+    common.check_choice(_NAME, "hybrid", self.hybrid, HYBRID_MODES)
+    common.check_bool(_NAME, "filler_two_hop", self.filler_two_hop)
+    if "H" in self.tiers and self.background_exposure < 1:
+      raise ValueError(f"{_NAME}.background_exposure must be >= 1 when tier H is built "
+                       "(H entities appear in background sentences)")
+    if ("R" in self.tiers or ("H" in self.tiers and self.hybrid == "one_hop")) and \
+        self.fact_exposure < 1:
+      raise ValueError(f"{_NAME}.fact_exposure must be >= 1 when tier R (or H with "
+                       "hybrid='one_hop') is built")
+    common.check_words(_NAME, "syllables", self.syllables, min_len=2)
+    for s in self.syllables:
+      if not s.isalpha():
+        raise ValueError(f"{_NAME}.syllables has {s!r}; syllables must be letters only")
+    clash = sorted(set(self.syllables) & reserved_words(chain))
+    if clash:
+      raise ValueError(f"{_NAME}.syllables {clash} are also template words; names must be "
+                       "distinguishable from the templates")
+    if not isinstance(self.name_lengths, tuple) or not self.name_lengths:
+      raise ValueError(f"{_NAME}.name_lengths must be a non-empty tuple of ints in [2, 6], "
+                       f"got {self.name_lengths!r}")
+    for n in self.name_lengths:
+      common.check_int(_NAME, "name_lengths", n, 2, 6)
+
+  @property
+  def chain(self) -> tuple[Relation, ...]:
+    return tuple(RELATIONS[r] if isinstance(r, str) else r for r in self.relations)
+
+  @property
+  def k(self) -> int:
+    return len(self.relations)
+
+  def to_dict(self) -> dict[str, Any]:
+    out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    out["relations"] = [r if isinstance(r, str) else r.to_dict() for r in self.relations]
+    for key in ("tiers", "syllables", "name_lengths"):
+      out[key] = list(out[key])
+    return out
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "TwoHopSettings":
+    d = dict(d)
+    if "relations" in d and isinstance(d["relations"], (list, tuple)):
+      rels = []
+      for r in d["relations"]:
+        if isinstance(r, Mapping):
+          r = common.settings_from_mapping(Relation, r)
+        rels.append(r)
+      d["relations"] = tuple(rels)
+    return common.settings_from_mapping(cls, d)
+
+
+# ----------------------------------------------------------------------- build
+
+
+@dataclasses.dataclass
+class _Group:
+  """Entities and facts of one group (a tier, or the fillers), before text generation."""
+
+  name: str
+  test: list[list[str]]  # chains: entity names e0..ek
+  target: list[list[str]]
+  pools: dict[str, list[str]]
+  attrs: dict[str, tuple[str, ...]]  # entity → its background values
+  etype: dict[str, str]
+
+  def chains(self) -> list[list[str]]:
+    return self.test + self.target
+
+  def hop_facts(self, i: int, chains: Sequence[Sequence[str]] | None = None):
+    """Unique (subject, object) of hop i (0-based), in chain order."""
+    seen, out = set(), []
+    for c in (self.chains() if chains is None else chains):
+      f = (c[i], c[i + 1])
+      if f not in seen:
+        seen.add(f)
+        out.append(f)
+    return out
+
+  def entities(self) -> list[str]:
+    seen, out = set(), []
+    for c in self.chains():
+      for e in c:
+        if e not in seen:
+          seen.add(e)
+          out.append(e)
+    return out
+
+
+def _make_group(name: str, settings: TwoHopSettings, names: common.NameSource, rng,
+                n_test: int, n_target: int, cover: bool) -> _Group:
+  n_chains = n_test + n_target
+  etype: dict[str, str] = {}
+  people: list[str] = []
+  drawn = 0
+
+  def person() -> str:
+    nonlocal drawn
+    if not people:  # people come in batches; the first batch covers the syllables
+      people.extend(reversed(names.draw(n_chains, what=f"people of group {name}",
+                                        cover=cover and drawn == 0)))
+      drawn += 1
+    p = people.pop()
+    etype[p] = "person"
+    return p
+
+  heads = [person() for _ in range(n_chains)]
+  pools = {}
+  for t in sorted({r.object for r in settings.chain} & set(POOL_TYPES)):
+    pools[t] = names.draw(settings.pool_size, what=f"{t} pool of group {name}")
+    etype.update((n, t) for n in pools[t])
+  memo: dict[tuple[str, str], str] = {}  # (relation, subject) → object: facts are functions
+  chains: list[list[str]] = []
+  for head in heads:
+    ents = [head]
+    for r in settings.chain:
+      key = (r.name, ents[-1])
+      if key not in memo:
+        memo[key] = (pools[r.object][int(rng.integers(settings.pool_size))]
+                     if r.object in POOL_TYPES else person())
+      ents.append(memo[key])
+    chains.append(ents)
+  attrs = {e: tuple(values[int(rng.integers(len(values)))] for _, values in BACKGROUND[etype[e]])
+           for e in sorted(etype)}
+  return _Group(name, chains[:n_test], chains[n_test:], pools, attrs, etype)
+
+
+def exposed_hops(tier: str, settings: TwoHopSettings) -> tuple[int, ...]:
+  """0-based hops whose facts the tier's pretraining corpus contains."""
+  if tier == "R":
+    return tuple(range(settings.k))
+  if tier == "H" and settings.hybrid == "one_hop":
+    return (0,)
+  return ()
+
+
+def composed_prompt(chain: Sequence[Relation], head: str, question: str) -> str:
+  """The last relation's question about the nested phrase of the earlier ones."""
+  phrase = head
+  for r in chain[:-1]:
+    phrase = common.fill(r.phrase, a=phrase)
+  return common.fill(question, a=phrase)
+
+
+def cot_answer(chain: Sequence[Relation], ents: Sequence[str]) -> tuple[str, list[int]]:
+  """(chain-of-thought answer, word offsets of the bridge entities e1..e(k-1))."""
+  steps, bridge_at, pos = [], [], 0
+  for i, r in enumerate(chain):
+    step = common.fill(r.cot, a=ents[i], b=ents[i + 1])
+    if i < len(chain) - 1:
+      before = common.fill(r.cot.split("{b}")[0], a=ents[i])
+      bridge_at.append(pos + len(before.split()))
+    pos += len(step.split()) + 1  # the step and its " ."
+    steps.append(step)
+  return " . ".join(steps), bridge_at
+
+
+def _units(group: _Group, names: Sequence[str]) -> list[str]:
+  """The entities that identify a chain (people; pooled cities are shared)."""
+  return [n for n in names if group.etype[n] not in POOL_TYPES]
+
+
+def _fact_examples(group: _Group, settings: TwoHopSettings, hop: int, facts, split: str,
+                   templates: str, one_per_fact: bool) -> tuple[common.Example, ...]:
+  r = settings.chain[hop]
+  qs = r.questions if templates == "questions" else r.heldout
+  out = []
+  for m, (s, o) in enumerate(facts):
+    js = [m % len(qs)] if one_per_fact else range(len(qs))
+    for j in js:
+      out.append(common.Example(
+          common.fill(qs[j], a=s), o,
+          {"group": group.name, "split": split, "format": "direct", "final": o,
+           "answer_type": r.object, "units": _units(group, (s, o)), "hop": hop + 1,
+           "relation": r.name, "template": f"{r.name}/{templates}/{j}"}))
+  return tuple(out)
+
+
+def _composed_examples(group: _Group, settings: TwoHopSettings, chains, split: str, fmt: str,
+                       one_per_chain: bool) -> tuple[common.Example, ...]:
+  rels = settings.chain
+  qs = rels[-1].questions
+  out = []
+  for m, ents in enumerate(chains):
+    js = [m % len(qs)] if one_per_chain else range(len(qs))
+    for j in js:
+      prompt = composed_prompt(rels, ents[0], qs[j])
+      meta = {"group": group.name, "split": split, "format": fmt, "final": ents[-1],
+              "answer_type": rels[-1].object, "units": _units(group, ents),
+              "entities": list(ents), "relations": [r.name for r in rels],
+              "template": f"{rels[-1].name}/questions/{j}"}
+      if fmt == "direct":
+        out.append(common.Example(prompt, ents[-1], meta))
+      else:
+        answer, bridge_at = cot_answer(rels, ents)
+        meta.update(bridges=list(ents[1:-1]), bridge_at=bridge_at, bridge=ents[1])
+        out.append(common.Example(prompt, answer, meta))
+  return tuple(out)
+
+
+def _background_texts(group: _Group, entity: str, count: int | None = None) -> list[str]:
+  """`count` background sentences about `entity` (default: one per template), cycling."""
+  entries = BACKGROUND[group.etype[entity]]
+  count = len(entries) if count is None else count
+  return [common.fill(entries[j % len(entries)][0], a=entity,
+                      x=group.attrs[entity][j % len(entries)]) for j in range(count)]
+
+
+def _fact_forms(r: Relation, s: str, o: str, heldout: bool) -> list[tuple[str, str | None]]:
+  """(text, question or None) forms of a fact, questions and statements interleaved."""
+  qs = list(r.questions) + (list(r.heldout) if heldout else [])
+  forms: list[tuple[str, str | None]] = []
+  for j in range(max(len(qs), len(r.statements))):
+    if j < len(qs):
+      q = common.fill(qs[j], a=s)
+      forms.append((f"{q} {o}", q))
+    if j < len(r.statements):
+      forms.append((common.fill(r.statements[j], a=s, b=o), None))
+  return forms
+
+
+def build(settings: TwoHopSettings) -> common.World:
+  """The world for `settings` (deterministic in settings.seed); see the module docstring."""
+  if not isinstance(settings, TwoHopSettings):
+    raise ValueError(f"build needs TwoHopSettings, got {type(settings).__name__}")
+  rels, k = settings.chain, settings.k
+  names = common.NameSource(common.rng_for(settings.seed, 0), settings.syllables,
+                            settings.name_lengths)
+  filler = _make_group("filler", settings, names, common.rng_for(settings.seed, 1),
+                       settings.filler_chains, 0, cover=True)
+  tiers = [t for t in TIERS if t in settings.tiers]
+  groups = {t: _make_group(t, settings, names, common.rng_for(settings.seed, 2, i),
+                           settings.test_chains, settings.target_chains, cover=False)
+            for i, t in enumerate(tiers)}
+
+  parts: list[corpus_lib.Part] = []
+  recall: list[common.Example] = []
+
+  def add_recall(group: str, q: str | None, answer: str, meta: dict):
+    if q is not None:
+      recall.append(common.Example(q, answer, {"group": group, "split": "recall", **meta}))
+
+  # Fillers: every text form, repeated filler_repeats times.
+  fb = [x for e in filler.entities() for x in _background_texts(filler, e)]
+  parts.append(corpus_lib.Part("filler/background", tuple(fb), settings.filler_repeats))
+  ff = []
+  for i, r in enumerate(rels):
+    for s, o in filler.hop_facts(i):
+      for text, q in _fact_forms(r, s, o, heldout=True):
+        ff.append(text)
+        add_recall("filler", q, o, {"format": "direct", "final": o,
+                                          "answer_type": r.object, "hop": i + 1})
+  parts.append(corpus_lib.Part("filler/facts", tuple(ff), settings.filler_repeats))
+  if settings.filler_two_hop:
+    fc = []
+    for fmt in common.FORMATS:
+      for e in _composed_examples(filler, settings, filler.test, "recall", fmt, False):
+        fc.append(e.text)
+        recall.append(e)
+    parts.append(corpus_lib.Part("filler/two_hop", tuple(fc), settings.filler_repeats))
+
+  splits: dict[str, dict[str, tuple[common.Example, ...]]] = {}
+  rules: dict[str, common.LeakRules] = {}
+  entities: dict[str, dict[str, tuple[str, ...]]] = {}
+  facts: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {}
+  composed: dict[str, tuple[tuple[str, str], ...]] = {}
+  for t, g in groups.items():
+    exposed = exposed_hops(t, settings)
+    if t in ("H", "R"):
+      bg = [x for e in g.entities()
+            for x in _background_texts(g, e, settings.background_exposure)]
+      parts.append(corpus_lib.Part(f"{t}/background", tuple(bg)))
+    if exposed:
+      fx = []
+      for i in exposed:
+        for s, o in g.hop_facts(i):
+          forms = _fact_forms(rels[i], s, o, heldout=False)
+          used = [forms[j % len(forms)] for j in range(settings.fact_exposure)]
+          fx.extend(text for text, _ in used)
+          for _, q in dict.fromkeys(used):
+            add_recall(t, q, o, {"format": "direct", "final": o,
+                                       "answer_type": rels[i].object, "hop": i + 1})
+      parts.append(corpus_lib.Part(f"{t}/facts", tuple(fx)))
+
+    sp: dict[str, tuple[common.Example, ...]] = {}
+    for i in range(k):
+      sp[f"hop{i + 1}"] = _fact_examples(g, settings, i, g.hop_facts(i), f"hop{i + 1}",
+                                         "questions", one_per_fact=False)
+    sp["union"] = tuple(
+        common.Example(e.prompt, e.answer, {**e.meta, "split": "union", "source": e.meta["split"]})
+        for i in range(k) for e in sp[f"hop{i + 1}"])
+    sp["target"] = _composed_examples(g, settings, g.target, "target", "direct", False)
+    sp["target_cot"] = _composed_examples(g, settings, g.target, "target_cot", "cot", False)
+    for i in range(k):
+      sp[f"test_hop{i + 1}"] = _fact_examples(g, settings, i, g.hop_facts(i, g.test),
+                                              f"test_hop{i + 1}", "heldout", one_per_fact=True)
+    sp["test_two_hop_direct"] = _composed_examples(g, settings, g.test, "test_two_hop_direct",
+                                                   "direct", True)
+    sp["test_two_hop_cot"] = _composed_examples(g, settings, g.test, "test_two_hop_cot", "cot",
+                                                True)
+    splits[t] = sp
+
+    heads = tuple(dict.fromkeys(c[0] for c in g.chains()))
+    bridges = tuple(dict.fromkeys(e for c in g.chains() for e in c[1:-1]))
+    finals = tuple(dict.fromkeys(c[-1] for c in g.chains()))
+    entities[t] = {"head": heads, "bridge": bridges, "final": finals}
+    facts[t] = {f"hop{i + 1}": tuple(g.hop_facts(i)) for i in range(k)}
+    composed[t] = tuple(dict.fromkeys((c[0], c[-1]) for c in g.chains()))
+    hidden_facts = tuple(f for i in range(k) if i not in exposed for f in g.hop_facts(i))
+    all_names = tuple(g.entities()) + tuple(n for p in g.pools.values() for n in p
+                                             if n not in set(g.entities()))
+    disjoint = tuple((tr, te) for tr in common.TARGET_SPLITS for te in common.COMPOSED_TESTS)
+    rules[t] = common.LeakRules(absent_names=all_names if t == "F" else (),
+                                absent_pairs=composed[t] + (hidden_facts if t != "F" else ()),
+                                disjoint=disjoint)
+
+  corpus, counts = corpus_lib.mix(parts, common.rng_for(settings.seed, 3))
+  world = common.World(
+      kind="two_hop", settings=settings, k=k, corpus=corpus, corpus_parts=counts,
+      splits=splits, recall=_dedupe(recall),
+      chance={t: common.chance_levels(sp) for t, sp in splits.items()}, rules=rules,
+      vocabulary=vocabulary(settings), entities=entities, facts=facts, composed=composed)
+  world.check_vocabulary()
+  corpus_lib.check_coverage(world)
+  corpus_lib.check_recall_in_corpus(world)
+  corpus_lib.check_no_leak(world)
+  check_familiarity(world)
+  return world
+
+
+def _dedupe(examples: Sequence[common.Example]) -> tuple[common.Example, ...]:
+  seen, out = set(), []
+  for e in examples:
+    if e.text not in seen:
+      seen.add(e.text)
+      out.append(e)
+  return tuple(out)
+
+
+def expected_exposure(world: common.World, group: str) -> tuple[dict[str, int], dict[str, int]]:
+  """(mentions per entity, texts per fact kind) that the tier definition prescribes."""
+  s: TwoHopSettings = world.settings
+  exposed = exposed_hops(group, s)
+  bg = s.background_exposure if group in ("H", "R") else 0
+  mentions: dict[str, int] = {}
+  for names in world.entities[group].values():
+    for n in names:
+      mentions[n] = bg
+  for i in exposed:
+    for subj, obj in world.facts[group][f"hop{i + 1}"]:
+      mentions[subj] += s.fact_exposure
+      mentions[obj] += s.fact_exposure
+  per_fact = {f"hop{i + 1}": (s.fact_exposure if i in exposed else 0) for i in range(world.k)}
+  per_fact["composed"] = 0
+  return mentions, per_fact
+
+
+def check_familiarity(world: common.World) -> None:
+  """Raise ValueError unless the corpus counts match the tier definitions exactly."""
+  for group in world.groups:
+    want_mentions, want_facts = expected_exposure(world, group)
+    got = corpus_lib.count_mentions(world.corpus, want_mentions)
+    for name, n in want_mentions.items():
+      if got[name] != n:
+        raise ValueError(f"tier {group}: entity {name!r} occurs {got[name]} times in the "
+                         f"corpus; the tier definition prescribes {n}")
+    kinds = dict(world.facts[group])
+    kinds["composed"] = world.composed[group]
+    for kind, pairs in kinds.items():
+      co = corpus_lib.count_cooccurrences(world.corpus, pairs)
+      for pair, n in co.items():
+        if n != want_facts[kind]:
+          raise ValueError(f"tier {group}: {kind} fact {pair} is in {n} corpus texts; the "
+                           f"tier definition prescribes {want_facts[kind]}")

@@ -1,0 +1,240 @@
+"""Two-hop world: determinism, tier definitions counted in the corpus, splits, validation."""
+
+import dataclasses
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings as hyp_settings
+from hypothesis import strategies as st
+
+from lora_limits.tasks import common, corpus, two_hop
+
+SMALL = dict(test_chains=6, target_chains=5, filler_chains=24, pool_size=4,
+             background_exposure=3, fact_exposure=5)
+
+
+def small(**kw) -> two_hop.TwoHopSettings:
+  return two_hop.TwoHopSettings(**{**SMALL, **kw})
+
+
+@pytest.fixture(scope="module")
+def world():
+  return two_hop.build(small())
+
+
+def _count(corpus_texts, name):
+  """Independent of corpus.NameIndex: whole-word substring occurrences."""
+  needle = f" {name} "
+  return sum(f" {t} ".count(needle) for t in corpus_texts)
+
+
+def _cooccur(corpus_texts, a, b):
+  return sum(1 for t in corpus_texts if f" {a} " in f" {t} " and f" {b} " in f" {t} ")
+
+
+def _chains(world, tier, split):
+  return [e.meta["entities"] for e in world.splits[tier][split]]
+
+
+def test_same_seed_same_world_other_seed_other_world(world):
+  again = two_hop.build(small())
+  assert common.content_hash(again) == common.content_hash(world)
+  assert again.corpus == world.corpus
+  other = two_hop.build(small(seed=1))
+  assert common.content_hash(other) != common.content_hash(world)
+  assert other.corpus != world.corpus
+
+
+def test_tier_f_entities_and_facts_never_in_corpus(world):
+  chains = _chains(world, "F", "test_two_hop_direct") + _chains(world, "F", "target")
+  names = {n for c in chains for n in c}
+  assert names and all(_count(world.corpus, n) == 0 for n in names)
+
+
+def test_tier_h_entities_in_background_only(world):
+  s = world.settings
+  chains = _chains(world, "H", "test_two_hop_direct") + _chains(world, "H", "target")
+  for a, b, c in chains:
+    assert _count(world.corpus, a) == s.background_exposure
+    assert _count(world.corpus, b) == s.background_exposure
+    assert _count(world.corpus, c) == s.background_exposure
+    assert _cooccur(world.corpus, a, b) == 0
+    assert _cooccur(world.corpus, b, c) == 0
+    assert _cooccur(world.corpus, a, c) == 0
+
+
+def test_tier_r_both_hops_at_the_set_frequency_composed_never(world):
+  s = world.settings
+  chains = _chains(world, "R", "test_two_hop_direct") + _chains(world, "R", "target")
+  for a, b, c in chains:
+    assert _cooccur(world.corpus, a, b) == s.fact_exposure
+    assert _cooccur(world.corpus, b, c) == s.fact_exposure
+    assert _cooccur(world.corpus, a, c) == 0
+    assert _count(world.corpus, a) == s.background_exposure + s.fact_exposure
+    assert _count(world.corpus, b) == s.background_exposure + 2 * s.fact_exposure
+
+
+def test_hybrid_one_hop_knows_the_first_hop_only():
+  w = two_hop.build(small(tiers=("H",), hybrid="one_hop"))
+  for a, b, c in _chains(w, "H", "test_two_hop_direct"):
+    assert _cooccur(w.corpus, a, b) == w.settings.fact_exposure
+    assert _cooccur(w.corpus, b, c) == 0
+    assert _cooccur(w.corpus, a, c) == 0
+
+
+def test_exposure_report_matches_the_definitions(world):
+  rep = corpus.exposure_report(world)
+  s = world.settings
+  assert rep["F"] == {k: [0, 0] for k in rep["F"]}
+  assert rep["H"]["mentions/head"] == [s.background_exposure] * 2
+  assert rep["H"]["facts/hop1"] == [0, 0]
+  assert rep["R"]["facts/hop1"] == rep["R"]["facts/hop2"] == [s.fact_exposure] * 2
+  assert rep["R"]["facts/composed"] == [0, 0]
+
+
+def test_familiarity_check_fails_when_a_fact_is_added(world):
+  a, b, _ = _chains(world, "H", "test_two_hop_direct")[0]
+  bad = dataclasses.replace(world, corpus=world.corpus + (f"{a} is married to {b} .",))
+  with pytest.raises(ValueError, match="tier H"):
+    two_hop.check_familiarity(bad)
+
+
+def test_splits_are_disjoint_and_consistent(world):
+  s = world.settings
+  for tier in s.tiers:
+    sp = world.splits[tier]
+    assert set(sp) == set(common.split_names(2))
+    test_units = {u for e in sp["test_two_hop_direct"] for u in e.meta["units"]}
+    target_units = {u for e in sp["target"] for u in e.meta["units"]}
+    assert test_units and target_units and not test_units & target_units
+    assert len(sp["test_two_hop_direct"]) == len(sp["test_two_hop_cot"]) == s.test_chains
+    # Every hop of every test chain is taught by the hop splits (so adapters can know it).
+    hop1 = {(e.meta["units"][0], e.answer) for e in sp["hop1"]}
+    hop2 = {e.prompt: e.answer for e in sp["hop2"]}
+    for a, b, c in _chains(world, tier, "test_two_hop_direct"):
+      assert (a, b) in hop1
+      assert hop2[f"where does {b} live ?"] == c
+    assert len(sp["union"]) == len(sp["hop1"]) + len(sp["hop2"])
+    # One-hop tests use held-out paraphrases only.
+    heldout = {"whom did {a} marry ?", "which city is home to {a} ?"}
+    for split in ("test_hop1", "test_hop2"):
+      for e in sp[split]:
+        assert "heldout" in e.meta["template"]
+        subject = e.meta["units"][0]
+        assert e.prompt in {t.format(a=subject) for t in heldout}
+
+
+def test_cot_answer_states_the_bridge_then_the_answer(world):
+  for e in world.splits["F"]["test_two_hop_cot"]:
+    a, b, c = e.meta["entities"]
+    assert e.answer == f"{a} 's spouse is {b} . {b} lives in {c}"
+    at = e.meta["bridge_at"][0]
+    assert e.answer.split()[at:at + len(b.split())] == b.split()
+    assert e.meta["bridge"] == b and e.meta["final"] == c
+
+
+def test_names_are_several_tokens_and_every_token_is_pretrained(world):
+  seen = {w for t in world.corpus for w in t.split()}
+  for e in world.splits["F"]["test_two_hop_direct"]:
+    assert len(e.answer.split()) >= 2
+    assert set(e.text.split()) <= seen
+
+
+def test_recall_probes_are_corpus_texts(world):
+  texts = set(world.corpus)
+  assert world.recall and all(e.text in texts for e in world.recall)
+  r_probes = [e for e in world.recall if e.meta["group"] == "R"]
+  assert r_probes  # tier-R facts can be probed after pretraining
+
+
+def test_three_hops_chain_with_two_bridges():
+  w = two_hop.build(small(relations=("spouse", "lives_in", "in_country"), tiers=("F",)))
+  assert set(w.splits["F"]) == set(common.split_names(3))
+  e = w.splits["F"]["test_two_hop_cot"][0]
+  a, b, c, d = e.meta["entities"]
+  assert e.prompt in (f"which country is the home town of the spouse of {a} in ?",
+                      f"in which country is the home town of the spouse of {a} ?")
+  assert e.answer == f"{a} 's spouse is {b} . {b} lives in {c} . {c} is in {d}"
+  words = e.answer.split()
+  for bridge, at in zip(e.meta["bridges"], e.meta["bridge_at"]):
+    assert words[at:at + len(bridge.split())] == bridge.split()
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(tiers=("F", "X")), "tiers"),
+    (dict(tiers=()), "tiers"),
+    (dict(relations=("lives_in", "spouse")), "chain"),
+    (dict(relations=("spouse", "flies_to")), "flies_to"),
+    (dict(relations=("spouse",)), "relations"),
+    (dict(test_chains=0), "test_chains"),
+    (dict(fact_exposure=0), "fact_exposure"),
+    (dict(hybrid="half"), "hybrid"),
+    (dict(syllables=("ka", "is")), "template words"),
+    (dict(name_lengths=(1, 2)), "name_lengths"),
+    (dict(filler_two_hop=1), "filler_two_hop"),
+    (dict(pool_size=True), "pool_size"),
+])
+def test_bad_settings_name_the_field(kw, match):
+  with pytest.raises(ValueError, match=match):
+    two_hop.TwoHopSettings(**kw)
+
+
+def test_more_entities_than_names():
+  s = small(syllables=("ka", "ro", "mi"), name_lengths=(2,), test_chains=8)
+  with pytest.raises(ValueError, match="names"):
+    two_hop.build(s)
+
+
+def test_template_without_its_slot():
+  r = two_hop.RELATIONS["spouse"]
+  with pytest.raises(ValueError, match=r"questions\[0\].*\{a\}"):
+    dataclasses.replace(r, questions=("who is the spouse ?",))
+  with pytest.raises(ValueError, match="statements"):
+    dataclasses.replace(r, statements=("{a} is married .",))
+  with pytest.raises(ValueError, match="cot"):
+    dataclasses.replace(r, cot="{b} is the spouse of {a}")
+
+
+def test_settings_round_trip_through_dict():
+  s = small(relations=("spouse", "lives_in"), hybrid="one_hop")
+  assert two_hop.TwoHopSettings.from_dict(s.to_dict()) == s
+  with pytest.raises(ValueError, match="no field"):
+    two_hop.TwoHopSettings.from_dict({"test_chain": 3})
+
+
+_FIELD_VALUES = {
+    "seed": st.one_of(st.integers(-3, 5), st.just("0")),
+    "relations": st.one_of(
+        st.lists(st.sampled_from(["spouse", "lives_in", "in_country", "mentor", "x"]),
+                 max_size=4).map(tuple),
+        st.just(["spouse", "lives_in"])),
+    "tiers": st.lists(st.sampled_from(["F", "H", "R", "Q"]), max_size=4).map(tuple),
+    "test_chains": st.integers(-1, 6),
+    "target_chains": st.integers(-1, 6),
+    "filler_chains": st.one_of(st.integers(-1, 30), st.just(2.5)),
+    "pool_size": st.integers(-1, 5),
+    "syllables": st.one_of(
+        st.just(two_hop.DEFAULT_SYLLABLES),
+        st.lists(st.sampled_from(["ka", "ro", "mi", "is", "Ka", "k a", "", "ka"]),
+                 max_size=5).map(tuple)),
+    "name_lengths": st.lists(st.integers(0, 7), max_size=3).map(tuple),
+    "background_exposure": st.integers(-1, 4),
+    "fact_exposure": st.integers(-1, 4),
+    "hybrid": st.sampled_from(["background", "one_hop", "other", None]),
+    "filler_repeats": st.integers(-1, 3),
+    "filler_two_hop": st.sampled_from([True, False, 0, "yes"]),
+}
+
+
+@hyp_settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.fixed_dictionaries({}, optional=_FIELD_VALUES))
+def test_fuzz_settings_give_a_world_or_a_value_error(kw):
+  try:
+    s = two_hop.TwoHopSettings(**kw)
+    w = two_hop.build(s)
+  except ValueError as e:
+    assert str(e)
+    event("ValueError")
+    return
+  event("built")
+  corpus.check_no_leak(w)
+  assert all(len(ex) > 0 for sp in w.splits.values() for ex in sp.values())
