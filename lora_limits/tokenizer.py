@@ -1,0 +1,128 @@
+"""A word-level tokenizer for the synthetic worlds, built offline with `tokenizers`.
+
+Every generated string is lower-case words separated by single spaces, so a WordLevel model
+over whitespace-split words round-trips it exactly; fictional names are several syllable
+words, i.e. several tokens. The vocabulary is the sorted set of words of the given texts
+after the special tokens (pad 0, eos 1, bos 2, unk 3), so the ids depend only on which
+words occur, not on text order or frequency. Build it from the worlds' declared
+vocabularies (`World.vocabulary`, which do not depend on the seed) to serve every tier,
+seed and task of those settings. Wrapped as a
+`transformers.PreTrainedTokenizerFast`; save with `save_pretrained(dir)`, load with
+`load(dir)`.
+
+Rows for the model start with BOS: a question → answer pair is [bos] prompt answer [eos]
+(`encode_examples`), and a pretraining text is [bos] text [eos] with the loss on every
+token after BOS (`encode_corpus`, trained with `data.lm_batch(rows, loss_on='all')`). A
+corpus text that *is* a question and its answer therefore tokenizes to exactly the row the
+adapters train on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from lora_limits import data as data_lib
+from lora_limits.tasks import common
+
+PAD, EOS, BOS, UNK = "<pad>", "</s>", "<s>", "<unk>"
+SPECIAL_TOKENS = (PAD, EOS, BOS, UNK)
+
+
+def build(texts: Iterable[str]) -> PreTrainedTokenizerFast:
+  """A WordLevel tokenizer whose vocabulary is every word of `texts` (sorted)."""
+  vocab_words = sorted({w for t in texts for w in t.split()})
+  if not vocab_words:
+    raise ValueError("tokenizer.build got no words")
+  clash = sorted(set(vocab_words) & set(SPECIAL_TOKENS))
+  if clash:
+    raise ValueError(f"texts contain the special token(s) {clash} as words")
+  vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + tuple(vocab_words))}
+  backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+  backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  return PreTrainedTokenizerFast(
+      tokenizer_object=backend, pad_token=PAD, eos_token=EOS, bos_token=BOS, unk_token=UNK,
+      clean_up_tokenization_spaces=False)
+
+
+def load(directory: str) -> PreTrainedTokenizerFast:
+  """A tokenizer saved with `save_pretrained(directory)` (local files only)."""
+  return PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
+
+
+def encode_text(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
+  """Token ids of `text` (no special tokens); an unknown word is a ValueError naming it."""
+  ids = tokenizer.encode(text, add_special_tokens=False)
+  unk = tokenizer.unk_token_id
+  if unk in ids:
+    unknown = [w for w in text.split() if tokenizer.convert_tokens_to_ids(w) == unk]
+    raise ValueError(f"words {unknown[:5]} of {text!r} are not in the tokenizer's vocabulary")
+  return ids
+
+
+def decode(tokenizer: PreTrainedTokenizerFast, ids: Sequence[int]) -> str:
+  """Text of `ids` up to (not including) the first EOS; other special tokens stay visible."""
+  ids = [int(i) for i in ids]
+  if tokenizer.eos_token_id in ids:
+    ids = ids[:ids.index(tokenizer.eos_token_id)]
+  return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def check_round_trip(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str]) -> int:
+  """Raise ValueError on the first text that does not survive encode → decode; returns count."""
+  n = 0
+  for text in texts:
+    back = decode(tokenizer, encode_text(tokenizer, text))
+    if back != text:
+      raise ValueError(f"tokenizer does not round-trip {text!r}: got {back!r}")
+    n += 1
+  return n
+
+
+def _prefix(tokenizer: PreTrainedTokenizerFast, add_bos: bool) -> list[int]:
+  return [tokenizer.bos_token_id] if add_bos else []
+
+
+def encode_examples(tokenizer: PreTrainedTokenizerFast, examples: Sequence[common.Example],
+                    max_len: int | None = None, add_bos: bool = True) -> data_lib.Encoded:
+  """Question → answer rows: [bos] prompt answer [eos], right-padded (see `data.encode`)."""
+  if not examples:
+    raise ValueError("encode_examples got no examples")
+  pre = _prefix(tokenizer, add_bos)
+  pairs = [(pre + encode_text(tokenizer, e.prompt), encode_text(tokenizer, e.answer))
+           for e in examples]
+  return data_lib.encode(pairs, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                         max_len=max_len)
+
+
+def encode_corpus(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str],
+                  max_len: int | None = None, add_bos: bool = True) -> data_lib.Encoded:
+  """Pretraining rows: [bos] text [eos]; `lm_batch(rows, loss_on='all')` trains every token.
+
+  Without BOS the first word is the prompt and the rest the answer.
+  """
+  if not texts:
+    raise ValueError("encode_corpus got no texts")
+  pairs = []
+  for t in texts:
+    ids = encode_text(tokenizer, t)
+    if add_bos:
+      pairs.append(([tokenizer.bos_token_id], ids))
+    else:
+      if len(ids) < 2:
+        raise ValueError(f"text {t!r} is too short to split without BOS")
+      pairs.append((ids[:1], ids[1:]))
+  return data_lib.encode(pairs, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                         max_len=max_len)
+
+
+def max_tokens(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str]) -> int:
+  """Longest text in tokens (without specials)."""
+  return int(max((len(encode_text(tokenizer, t)) for t in texts), default=0))
+
+
+def vocab_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+  return dict(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]))
+
