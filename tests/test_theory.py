@@ -323,3 +323,45 @@ def test_inconsistent_settings_are_refused(toy):
     kv.GDConfig(init="zeros")
   with pytest.raises(ValueError, match="entity has values"):
     kv.hidden(toy.model, [64], [0])
+
+
+# ---------------------------------------------------------------------------- the study
+
+
+def test_theory_study_writes_results_and_plots(tmp_path):
+  import ml_collections
+
+  from configs import theory as theory_config
+  from experiments import schema
+  from experiments.studies import theory as study
+
+  config = theory_config.get_config()
+  config.toy.n_entities, config.toy.d_ff = 32, 128
+  config.multi_fact.n_facts, config.multi_fact.gd.steps = 6, 800
+  config.two_hop.n_chains, config.two_hop.gd.steps = 8, 800
+  config.prop1.gd.steps = 200
+  study.main(config, tmp_path)
+  out = json.loads((tmp_path / "results.json").read_text())
+  assert out["all_passed"], out["failed_checks"]
+  assert set(out["statements"]) == {"proposition_1", "multi_fact", "theorem_2", "arrow_top1",
+                                    "arrow_top2", "explicit_bridge"}
+  for rec in out["statements"].values():
+    assert rec["passed"] is True and all(rec["checks"].values())
+  assert out["two_hop_accuracy_by_method"]["sum"] <= out["statements"]["theorem_2"]["chance_bound"]
+  for png in ("prop1_trained_vs_closed_form.png", "accuracy_vs_rank.png",
+              "two_hop_accuracy.png"):
+    assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+  bad = theory_config.get_config()
+  bad.unlock()
+  bad.two_hop.colour = "red"
+  with pytest.raises(schema.ConfigError, match="colour"):
+    study.main(bad, tmp_path)
+  bad = theory_config.get_config()
+  bad.two_hop.expert_source = "magic"
+  with pytest.raises(ValueError, match="expert_source"):
+    study.main(bad, tmp_path)
+  bad = theory_config.get_config()
+  bad.prop1.entity = 500
+  with pytest.raises(ValueError, match="prop1"):
+    study.main(bad, tmp_path)
+  assert isinstance(config, ml_collections.ConfigDict)

@@ -285,17 +285,23 @@ class GDConfig:
 @dataclasses.dataclass(frozen=True, eq=False)
 class LoraFit:
   """A LoRA trained by gradient descent: ΔW = b aᵀ; `loss_T` is the loss after every step;
-  `history_SxNxF` holds ΔW at `history_steps` (empty unless the history was asked for)."""
+  the factors at `history_steps` are kept in `history_b_SxNxR`, `history_a_SxFxR` (empty
+  unless the history was asked for); `history_deltas()` gives the ΔW's."""
 
   b_NxR: np.ndarray
   a_FxR: np.ndarray
   loss_T: np.ndarray
   history_steps: np.ndarray
-  history_SxNxF: np.ndarray
+  history_b_SxNxR: np.ndarray
+  history_a_SxFxR: np.ndarray
 
   @property
   def delta(self) -> np.ndarray:
     return self.b_NxR @ self.a_FxR.T
+
+  def history_deltas(self) -> np.ndarray:
+    """ΔW at each recorded step, [S, N, F]."""
+    return np.einsum("snr,sfr->snf", self.history_b_SxNxR, self.history_a_SxFxR)
 
 
 def check_rank(rank, n: int, f: int, owner: str = "rank"):
@@ -308,7 +314,7 @@ def check_rank(rank, n: int, f: int, owner: str = "rank"):
 def train_lora(key: jax.Array, w_NxF: np.ndarray, h_MxF: np.ndarray, target_M, *,
                rank: int, gd: GDConfig = GDConfig(), keep_history: bool = False) -> LoraFit:
   """A rank-r LoRA on W trained by gradient descent (float64) to map each key to its target.
-  keep_history stores ΔW every `gd.record_every` steps (for convergence plots)."""
+  keep_history stores the factors every `gd.record_every` steps (for convergence plots)."""
   n, f = w_NxF.shape
   check_rank(rank, n, f)
   return _train_many(key, w_NxF, h_MxF, target_M, rank, gd, np.ones((1, rank)),
@@ -325,7 +331,8 @@ def train_lora_ranks(key: jax.Array, w_NxF: np.ndarray, h_MxF: np.ndarray, targe
   masks = np.stack([(np.arange(top) < r).astype(np.float64) for r in ranks])
   fits = _train_many(key, w_NxF, h_MxF, target_M, top, gd, masks, keep_history=False)
   return [LoraFit(x.b_NxR[:, :r], x.a_FxR[:, :r], x.loss_T, x.history_steps,
-                  x.history_SxNxF) for x, r in zip(fits, ranks)]
+                  x.history_b_SxNxR[..., :r], x.history_a_SxFxR[..., :r])
+          for x, r in zip(fits, ranks)]
 
 
 def _train_many(key, w_NxF, h_MxF, target_M, rank, gd: GDConfig, masks_CxR,
@@ -353,12 +360,14 @@ def _train_many(key, w_NxF, h_MxF, target_M, rank, gd: GDConfig, masks_CxR,
     out = _gd_many(jnp.asarray(h_MxF), jnp.asarray(d_NxM), a0, b0, jnp.asarray(masks_CxR),
                    jnp.asarray(lr), steps=gd.steps, record_every=gd.record_every,
                    keep_history=keep_history)
-    a, b, losses, snaps = (_np(x) for x in out)
+    a, b, losses, snap_a, snap_b = (_np(x) for x in out)
   if keep_history:
     steps = np.arange(1, n_rec + 1) * gd.record_every
   else:
-    steps, snaps = np.zeros(0, np.int64), np.zeros((masks_CxR.shape[0], 0, n, f))
-  return [LoraFit(b[i], a[i], losses[i], steps, snaps[i]) for i in range(masks_CxR.shape[0])]
+    c = masks_CxR.shape[0]
+    steps, snap_a, snap_b = np.zeros(0, np.int64), np.zeros((c, 0, f, rank)), np.zeros((c, 0, n, rank))
+  return [LoraFit(b[i], a[i], losses[i], steps, snap_b[i], snap_a[i])
+          for i in range(masks_CxR.shape[0])]
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "record_every", "keep_history"))
@@ -382,16 +391,18 @@ def _gd_many(h_MxF, d_NxM, a0_FxR, b0_NxR, masks_CxR, lr, *, steps: int, record_
     def chunk(carry, _):
       carry, losses = jax.lax.scan(step, carry, None, length=record_every)
       a, b = carry
-      return carry, (losses, b @ a.T if keep_history else jnp.zeros((0,), a.dtype))
+      if not keep_history:
+        a, b = a[:0], b[:0]
+      return carry, (losses, a, b)
 
-    (a, b), (losses, snaps) = jax.lax.scan(chunk, (a0_FxR * mask, b0_NxR * mask), None,
-                                           length=n_rec)
+    init = (a0_FxR * mask, b0_NxR * mask)
+    (a, b), (losses, snap_a, snap_b) = jax.lax.scan(chunk, init, None, length=n_rec)
     losses = losses.reshape(-1)
     rest = steps - n_rec * record_every
     if rest:
       (a, b), more = jax.lax.scan(step, (a, b), None, length=rest)
       losses = jnp.concatenate([losses, more])
-    return a, b, losses, snaps
+    return a, b, losses, snap_a, snap_b
 
   return jax.vmap(one)(masks_CxR)
 

@@ -132,6 +132,9 @@ class Prop1Record(_Record):
   trajectory_relative_error: np.ndarray
   peft_init_cosine: float  # the usual LoRA init (a ~ U(±1/√F), b = 0): not small
   peft_init_relative_error: float
+  init_sweep_scales: np.ndarray  # GD from N(0, scale²) inits: distance to the closed form
+  init_sweep_cosine: np.ndarray
+  init_sweep_relative_error: np.ndarray
   closed_form_rows: np.ndarray  # rows new, old of ΔW (its only nonzero rows), [2, F]
   trained_rows: np.ndarray
   trained_other_rows_norm: float
@@ -144,6 +147,7 @@ def proposition_1(toy: Toy, *, key: jax.Array, entity: int = 0, relation: int = 
                   new_target: int | None = None, gd: kv.GDConfig = kv.GDConfig(),
                   cosine_min: float = 0.99, relative_error_max: float = 0.05,
                   n_null_samples: int = 32,
+                  init_scales: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
                   closed_form: Callable[[np.ndarray, np.ndarray, int], np.ndarray]
                   = general_rank_one_edit) -> Prop1Record:
   """Proposition 1 (Chen et al. 2025): the rank-one edit of one fact.
@@ -162,6 +166,8 @@ def proposition_1(toy: Toy, *, key: jax.Array, entity: int = 0, relation: int = 
   rather than assume them away; (d) a rank-one LoRA b aᵀ trained by gradient descent from a
   small initialisation converges to it: cosine ≥ `cosine_min`, relative error ≤
   `relative_error_max` (the usual LoRA init, a not small, is reported for contrast).
+  `init_scales`: the GD run is repeated from these init scales (the distance to the closed
+  form grows with the scale: the init's component orthogonal to h is never forgotten).
   `closed_form(w, h, new)` is the formula under test (tests pass wrong ones to see them fail).
   """
   cfg = toy.model.cfg
@@ -206,8 +212,12 @@ def proposition_1(toy: Toy, *, key: jax.Array, entity: int = 0, relation: int = 
   fit = kv.train_lora(k_small, w, h[None], [new], rank=1, gd=gd, keep_history=True)
   peft = kv.train_lora(k_peft, w, h[None], [new], rank=1,
                        gd=dataclasses.replace(gd, init="peft"))
-  traj_cos = np.array([_cosine(d, delta) for d in fit.history_SxNxF])
-  traj_err = np.array([_rel_error(d, delta) for d in fit.history_SxNxF])
+  sweep = [kv.train_lora(k_small, w, h[None], [new], rank=1,
+                         gd=dataclasses.replace(gd, init_scale=float(x))).delta
+           for x in init_scales]
+  history = fit.history_deltas()
+  traj_cos = np.array([_cosine(d, delta) for d in history])
+  traj_err = np.array([_rel_error(d, delta) for d in history])
   trained = fit.delta
   rows = [new, old]
   other_rows = np.delete(trained, rows, axis=0)
@@ -235,6 +245,9 @@ def proposition_1(toy: Toy, *, key: jax.Array, entity: int = 0, relation: int = 
       trajectory_steps=fit.history_steps, trajectory_cosine=traj_cos,
       trajectory_relative_error=traj_err, peft_init_cosine=_cosine(peft.delta, delta),
       peft_init_relative_error=_rel_error(peft.delta, delta),
+      init_sweep_scales=np.asarray(init_scales, np.float64),
+      init_sweep_cosine=np.array([_cosine(d, delta) for d in sweep]),
+      init_sweep_relative_error=np.array([_rel_error(d, delta) for d in sweep]),
       closed_form_rows=delta[rows], trained_rows=trained[rows],
       trained_other_rows_norm=float(np.linalg.norm(other_rows)),
       cosine_min=cosine_min, relative_error_max=relative_error_max, checks=checks)
