@@ -67,6 +67,9 @@ def _rel_error(x: np.ndarray, ref: np.ndarray) -> float:
 
 def chance_bound(n_entities: int, n_prompts: int, z: float = 3.0) -> float:
   """Upper end of 'at chance': 1/N + z·√(p(1−p)/n) (a z-sigma binomial band around 1/N)."""
+  if n_entities < 1 or n_prompts < 1:
+    raise ValueError(f"chance_bound needs n_entities, n_prompts >= 1, got {n_entities}, "
+                     f"{n_prompts}")
   p = 1.0 / n_entities
   return p + z * math.sqrt(p * (1 - p) / n_prompts)
 
@@ -171,6 +174,8 @@ def proposition_1(toy: Toy, *, key: jax.Array, entity: int = 0, relation: int = 
   `closed_form(w, h, new)` is the formula under test (tests pass wrong ones to see them fail).
   """
   cfg = toy.model.cfg
+  if not isinstance(n_null_samples, int) or n_null_samples < 1:
+    raise ValueError(f"n_null_samples must be a positive int, got {n_null_samples!r}")
   if not 0 <= entity < cfg.n_entities:
     raise ValueError(f"entity={entity} is out of range [0, {cfg.n_entities - 1}]")
   if not 0 <= relation < cfg.n_relations:
