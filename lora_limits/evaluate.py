@@ -253,7 +253,8 @@ def score_split(split: str, texts: Sequence[str | None], examples: Sequence[comm
 # ----------------------------------------------------------------- teacher forcing
 
 
-def answer_accuracy(logits_BxTxV: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+def answer_accuracy(logits_BxTxV: jax.Array,
+                    batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   """Per row: exact (argmax right at every weighted position), mean loss and token count.
 
   `batch` has 'targets' and 'weights' [B, T] as made by `data.lm_batch(rows, 'answer')`;

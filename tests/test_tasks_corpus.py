@@ -108,3 +108,13 @@ def test_untrained_words_are_caught(world):
   bad = corpus.replace_split(world, "F", "hop1", (odd,) + world.splits["F"]["hop1"][1:])
   with pytest.raises(ValueError, match="whoever"):
     corpus.check_coverage(bad)
+
+
+def test_one_prompt_two_answers_is_caught(world):
+  corpus.check_unambiguous(world)
+  e = world.splits["R"]["target_cot"][0]
+  assert e.prompt.endswith(" " + common.COT_CUE)
+  direct = common.Example(e.prompt, e.meta["final"], {**e.meta, "format": "direct"})
+  bad = corpus.replace_split(world, "R", "target", world.splits["R"]["target"] + (direct,))
+  with pytest.raises(ValueError, match="has the answer"):
+    corpus.check_unambiguous(bad)

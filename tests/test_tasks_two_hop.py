@@ -151,8 +151,8 @@ def test_three_hops_chain_with_two_bridges():
   assert set(w.splits["F"]) == set(common.split_names(3))
   e = w.splits["F"]["test_two_hop_cot"][0]
   a, b, c, d = e.meta["entities"]
-  assert e.prompt in (f"which country is the home town of the spouse of {a} in ?",
-                      f"in which country is the home town of the spouse of {a} ?")
+  assert e.prompt in (f"which country is the home town of the spouse of {a} in ? explain",
+                      f"in which country is the home town of the spouse of {a} ? explain")
   assert e.answer == f"{a} 's spouse is {b} . {b} lives in {c} . {c} is in {d}"
   words = e.answer.split()
   for bridge, at in zip(e.meta["bridges"], e.meta["bridge_at"]):

@@ -14,6 +14,7 @@ Split names are shared by both worlds so one pipeline runs either; in the math w
   target_cot       the same questions with chain-of-thought answers
   test_hop1..K     held-out paraphrases of the one-hop facts of the test units
   test_two_hop_direct / test_two_hop_cot   the composed test questions
+Chain-of-thought questions end with the cue word `COT_CUE`; direct ones do not.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from typing import Any
 import numpy as np
 
 FORMATS = ("direct", "cot")
+# Appended to a question to ask for a chain-of-thought answer; without it the answer is
+# direct. Both formats of a question appear in pretraining (fillers), so the prompt must
+# say which one is wanted.
+COT_CUE = "explain"
 COMPOSED_TESTS = ("test_two_hop_direct", "test_two_hop_cot")
 TARGET_SPLITS = ("target", "target_cot")
 
@@ -104,6 +109,13 @@ def check_template(template: str, required: Iterable[str], where: str,
 
 def fill(template: str, **slots: str) -> str:
   return template.format(**slots)
+
+
+def ask(question: str, fmt: str) -> str:
+  """The prompt for `question` in answer format `fmt` ('direct' or 'cot')."""
+  if fmt not in FORMATS:
+    raise ValueError(f"answer format {fmt!r} is not one of {list(FORMATS)}")
+  return question if fmt == "direct" else f"{question} {COT_CUE}"
 
 
 def template_words(template: str) -> set[str]:

@@ -208,6 +208,28 @@ def check_coverage(world: common.World) -> None:
                            "fillers more entities or the inventory fewer syllables")
 
 
+def check_unambiguous(world: common.World) -> None:
+  """Raise ValueError if one prompt has two different answers anywhere in the world.
+
+  (E.g. a direct and a chain-of-thought answer to the same question: the prompt must say
+  which format it wants, see `common.COT_CUE`.)
+  """
+  answers: dict[str, tuple[str, str]] = {}
+  for group, splits in world.splits.items():
+    for split, examples in splits.items():
+      for e in examples:
+        _check_one(answers, e, f"{group}/{split}")
+  for e in world.recall:
+    _check_one(answers, e, "recall")
+
+
+def _check_one(answers: dict[str, tuple[str, str]], e: common.Example, where: str) -> None:
+  seen = answers.setdefault(e.prompt, (e.answer, where))
+  if seen[0] != e.answer:
+    raise ValueError(f"prompt {e.prompt!r} has the answer {e.answer!r} in {where} but "
+                     f"{seen[0]!r} in {seen[1]}")
+
+
 def check_recall_in_corpus(world: common.World) -> None:
   """Raise ValueError unless every recall probe's text is a corpus text."""
   corpus_set = set(world.corpus)

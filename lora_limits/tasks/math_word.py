@@ -3,8 +3,9 @@
 Skill 1 (multiply): "a box holds 3 pens . how many pens are in 4 boxes ?" → 12.
 Skill 2 (subtract): "tom has 12 pens and gives away 5 . how many are left ?" → 7.
 Composed: "a box holds 3 pens . tom has 4 boxes and gives away 5 . how many are left ?"
-→ 7 (direct) or "4 boxes hold 12 . 12 minus 5 is 7" (chain of thought; the intermediate
-result 12 is the bridge). Numbers are single word tokens 0 … max_factor².
+→ 7 (direct) or, asked with the cue word ("… how many are left ? explain"),
+"4 boxes hold 12 . 12 minus 5 is 7" (chain of thought; the intermediate result 12 is the
+bridge). Numbers are single word tokens 0 … max_factor².
 
 Splits (names shared with the two-hop world, "hop i" = skill i): hop1 has skill-1 problems
 for every factor pair, hop2 skill-2 problems for every (minuend, subtrahend) pair, so each
@@ -17,7 +18,8 @@ The pretraining corpus always holds counting sentences ("after 4 comes 5 .") and
 sentences that use every template word but state no result. Knobs:
   domain_pretraining: composed problems of *another form* (subtract, then multiply:
     "tom had 6 boxes and gave away 2 . each box holds 3 pens . how many pens now ?" →
-    "tom has 4 boxes . 4 times 3 is 12"), direct and chain-of-thought — the paper's domain-specific pretraining;
+    "tom has 4 boxes . 4 times 3 is 12"), direct and chain-of-thought — the paper's
+    domain-specific pretraining;
   skill_facts: bare arithmetic facts ("3 times 4 is 12 .", "12 minus 5 is 7 .") for every
     pair the skills use, so both skills are pretraining knowledge.
 """
@@ -59,6 +61,7 @@ SCENES = (
     "{n} {cs} hold {item} .", "{p} will have {item} now .", "{p} and {q} do have {item} .",
     "{p} gave the {item} away and lost {z} {cs} .", "{p} gives away {cs} .",
     "how many {item} are in the {c} ? nobody knows .",
+    "{p} can explain how many {item} remain .",
 )
 FACTS = ("{x} times {n} is {r} .", "{y} minus {z} is {r} .")
 
@@ -149,7 +152,7 @@ class MathSettings:
 
 
 def _template_words() -> set[str]:
-  out: set[str] = set()
+  out: set[str] = {common.COT_CUE}
   for t in SKILL1 + SKILL1_HELDOUT + SKILL2 + SKILL2_HELDOUT + COMPOSED + OTHER_FORM + \
       SCENES + FACTS + (COMPOSED_COT, OTHER_FORM_COT, COUNTING):
     out |= common.template_words(t)
@@ -238,7 +241,7 @@ def build(settings: MathSettings) -> common.World:
         else:
           answer = common.fill(COMPOSED_COT, n=n, cs=sc["cs"], y=y, z=z, r=r)
           mt.update(bridges=[str(y)], bridge_at=[3], bridge=str(y))
-        out.append(_example(COMPOSED[j], answer, mt, x=x, n=n, z=z, **sc))
+        out.append(_example(common.ask(COMPOSED[j], fmt), answer, mt, x=x, n=n, z=z, **sc))
     return tuple(out)
 
   sp["target"] = composed(target, "target", "direct", False)
@@ -302,9 +305,9 @@ def build(settings: MathSettings) -> common.World:
       for fmt, answer in (("direct", str(r)),
                           ("cot", common.fill(OTHER_FORM_COT, p=sc["p"], n=n, cs=sc["cs"],
                                               x=x, r=r))):
-        e = common.Example(prompt, answer, {"group": GROUP, "split": "recall", "format": fmt,
-                                            "final": str(r), "answer_type": "other_form",
-                                            "source": "domain"})
+        e = common.Example(common.ask(prompt, fmt), answer,
+                           {"group": GROUP, "split": "recall", "format": fmt, "final": str(r),
+                            "answer_type": "other_form", "source": "domain"})
         domain.append(e.text)
         recall.append(e)
     parts.append(corpus_lib.Part("domain", tuple(domain)))
@@ -318,5 +321,6 @@ def build(settings: MathSettings) -> common.World:
   world.check_vocabulary()
   corpus_lib.check_coverage(world)
   corpus_lib.check_recall_in_corpus(world)
+  corpus_lib.check_unambiguous(world)
   corpus_lib.check_no_leak(world)
   return world

@@ -18,8 +18,10 @@ No tier ever sees a composed (A, C) question about its own entities, nor a held-
 paraphrase applied to them. Filler entities (never in any split) carry the language: their
 background, every fact in every paraphrase (held-out ones included) and, with
 `filler_two_hop`, composed questions with direct and chain-of-thought answers, so the base
-model knows each question format. Exposure is counted from the corpus text by
-`corpus.exposure_report` and checked against these definitions by `check_familiarity`.
+model knows each question format (a question ending with the cue word `common.COT_CUE`
+asks for the chain of thought, "… ? explain" → "A 's spouse is B . B lives in C").
+Exposure is counted from the corpus text by `corpus.exposure_report` and checked against
+these definitions by `check_familiarity`.
 
 Per tier the splits (see `common`) are built from `test_chains` test chains and
 `target_chains` target chains with disjoint entities: hop-i facts of both (for the one-hop
@@ -113,7 +115,7 @@ RELATIONS: dict[str, Relation] = {
                  phrase="the mentor of {a}", cot="{a} 's mentor is {b}"),
         Relation("lives_in", "person", "city",
                  statements=("{a} lives in {b} .", "the home of {a} is in {b} ."),
-                 questions=("where does {a} live ?", "in which city does {a} live ?"),
+                 questions=("where does {a} live ?", "where is {a} living ?"),
                  heldout=("which city is home to {a} ?",),
                  phrase="the home town of {a}", cot="{a} lives in {b}"),
         Relation("in_country", "city", "country",
@@ -152,7 +154,7 @@ DEFAULT_SYLLABLES = (
 
 def reserved_words(relations: Sequence[Relation]) -> set[str]:
   """Words of every template and background value (syllables must avoid them)."""
-  out: set[str] = set()
+  out: set[str] = {common.COT_CUE}
   for r in relations:
     for t in r.templates():
       out |= common.template_words(t)
@@ -419,7 +421,7 @@ def _composed_examples(group: _Group, settings: TwoHopSettings, chains, split: s
   for m, ents in enumerate(chains):
     js = [m % len(qs)] if one_per_chain else range(len(qs))
     for j in js:
-      prompt = composed_prompt(rels, ents[0], qs[j])
+      prompt = common.ask(composed_prompt(rels, ents[0], qs[j]), fmt)
       meta = {"group": group.name, "split": split, "format": fmt, "final": ents[-1],
               "answer_type": rels[-1].object, "units": _units(group, ents),
               "entities": list(ents), "relations": [r.name for r in rels],
@@ -558,6 +560,7 @@ def build(settings: TwoHopSettings) -> common.World:
   world.check_vocabulary()
   corpus_lib.check_coverage(world)
   corpus_lib.check_recall_in_corpus(world)
+  corpus_lib.check_unambiguous(world)
   corpus_lib.check_no_leak(world)
   check_familiarity(world)
   return world
