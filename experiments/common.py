@@ -108,7 +108,9 @@ class Progress:
       self.stream.write(f"[{time.strftime('%H:%M:%S')}] {line}\n")
     self.stream.flush()
 
-  def close(self) -> None:
+  def close(self, done: int | None = None) -> None:
+    """Final line: `done` steps (default: all of them; fewer when a run stopped early)."""
+    self.total = self.total if done is None else max(int(done), 1)
     self.update(self.total, force=True)
 
 

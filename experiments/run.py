@@ -17,7 +17,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import common  # noqa: E402
@@ -42,6 +42,8 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/smoke.py")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
+  # Orbax logs every save at INFO through absl; keep the terminal for our progress lines.
+  logging.set_verbosity(logging.WARNING)
   if _NUM_DEVICES.value:
     import jax
     jax.config.update("jax_num_cpu_devices", _NUM_DEVICES.value)
