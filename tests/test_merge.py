@@ -194,18 +194,24 @@ def test_dare_is_keyed_and_rescales_survivors():
 
 def test_result_kinds_match_the_registry_and_apply_matches_delta():
   ads = [make_adapter(6, 2), make_adapter(7, 2)]
-  params = {"p": {"kernel": jnp.ones(SHAPES["p/kernel"])},
-            "q": {"kernel": jnp.zeros(SHAPES["q/kernel"])}}
   for flavor in merge_lib.FLAVORS:
     for method in merge_lib.available(flavor):
       info = merge_lib.method_info(method, flavor)
       opts = {"density": 0.5, "key": jax.random.key(0)} if info.random else {}
-      result = merge_lib.merge(ads, method, flavor=flavor, **opts)
+      # Shapes and kinds only: traced, not compiled.
+      result = jax.eval_shape(lambda m=method, f=flavor, o=opts: merge_lib.merge(
+          ads, m, flavor=f, **o))
       assert result.kind == info.kind, (flavor, method)
       assert (result.adapter is None) == (info.kind == "dense")
-      merged = result.apply(params)
-      np.testing.assert_allclose(np.asarray(merged["p"]["kernel"]),
-                                 1.0 + np.asarray(result.delta()["p/kernel"]), atol=1e-5)
+      if info.kind == "dense":
+        assert {p: d.shape for p, d in result.dense.items()} == SHAPES
+  params = {"p": {"kernel": jnp.ones(SHAPES["p/kernel"])},
+            "q": {"kernel": jnp.zeros(SHAPES["q/kernel"])}}
+  for method in ("uniform_factors", "ties"):
+    result = merge_lib.merge(ads, method)
+    merged = result.apply(params)
+    np.testing.assert_allclose(np.asarray(merged["p"]["kernel"]),
+                               1.0 + np.asarray(result.delta()["p/kernel"]), atol=1e-5)
 
 
 def test_merges_are_traceable_in_the_weights():

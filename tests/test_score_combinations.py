@@ -45,17 +45,23 @@ _apply = jax.jit(lambda p, t: transformer.apply(p, t, CFG))
 
 
 def loop_reference(params, ads, batch, w, method, **opts):
-  """One merged model per combination, evaluated one by one."""
-  out = {m: [] for m in METRICS}
-  for row in w:
+  """One merged model per combination, evaluated one by one (each a jitted single call)."""
+
+  @jax.jit
+  def single(row):
     if method == "mix":
       merged = params
       for k, ad in enumerate(ads):
-        merged = lora_lib.merge(merged, ad, weight=float(row[k]))
+        merged = lora_lib.merge(merged, ad, weight=row[k])
     else:
       merged = merge_lib.merge(ads, method, row, **opts).apply(params)
-    m = eval_lib.sequence_metrics(_apply(merged, jnp.asarray(batch["inputs"])),
-                                  jnp.asarray(batch["targets"]), jnp.asarray(batch["weights"]))
+    logits = transformer.apply(merged, jnp.asarray(batch["inputs"]), CFG)
+    return eval_lib.sequence_metrics(logits, jnp.asarray(batch["targets"]),
+                                     jnp.asarray(batch["weights"]))
+
+  out = {m: [] for m in METRICS}
+  for row in w:
+    m = single(jnp.asarray(row))
     for name in METRICS:
       out[name].append(float(m[name]))
   return {k: np.asarray(v) for k, v in out.items()}

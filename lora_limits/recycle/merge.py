@@ -33,6 +33,7 @@ Two flavours:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -118,6 +119,11 @@ def _deltas(adapters: Sequence[Adapter], path: str) -> jax.Array:
   return jnp.stack([f.scale * (f.a @ f.b) for f in (ad[path] for ad in adapters)])
 
 
+def _dims(adapters: Sequence[Adapter], path: str) -> tuple[int, int]:
+  f = adapters[0][path]
+  return (f.a.shape[0], f.b.shape[1])
+
+
 def _keep_top(x: jax.Array, density: float) -> jax.Array:
   """x with all but its round_down(density·numel) largest-magnitude entries zeroed (PEFT's
   `magnitude_based_pruning`: exactly k entries kept, per tensor)."""
@@ -145,9 +151,30 @@ def _elect_and_mean(t_KxN: jax.Array, elect_from: jax.Array, sign_method: str) -
   return (t_KxN * agree).sum(axis=0) / jnp.maximum(agree.sum(axis=0), 1.0)
 
 
-def _dare_keep(key, density: float, shape, index: int, part: int) -> jax.Array:
-  k = jax.random.fold_in(jax.random.fold_in(key, index), part)
-  return jax.random.bernoulli(k, density, shape)
+def _draw_keep_masks(key, density: float, shapes: dict[str, tuple]) -> dict[str, Any]:
+  """Bernoulli(density) keep-masks for every path from one draw of `key` (one random-bits
+  computation, cheap to compile); shapes: {path: shape or (shape, shape)}."""
+  flat = []
+  for p in sorted(shapes):
+    parts = shapes[p] if isinstance(shapes[p][0], tuple) else (shapes[p],)
+    flat.extend((p, i, s) for i, s in enumerate(parts))
+  sizes = [int(np.prod(s)) for _, _, s in flat]
+  keep = jax.random.uniform(key, (sum(sizes),)) < density
+  out: dict[str, list] = {}
+  start = 0
+  for (p, _, s), n in zip(flat, sizes):
+    out.setdefault(p, []).append(keep[start:start + n].reshape(s))
+    start += n
+  return {p: (v[0] if len(v) == 1 else tuple(v)) for p, v in out.items()}
+
+
+def _keep_masks(opts, shapes: dict[str, tuple]):
+  """Explicit `masks` if given, else drawn from `key`; None when nothing is dropped."""
+  if opts["density"] >= 1.0:
+    return None
+  if opts.get("masks") is not None:
+    return opts["masks"]
+  return _draw_keep_masks(opts["key"], opts["density"], shapes)
 
 
 def _low_rank_svd(a_IxR: jax.Array, b_RxO: jax.Array, rank: int):
@@ -236,13 +263,13 @@ def _dare(name, ties_after):
     density, rescale survivors by 1/density; then sum (dare_linear) or TIES sign election and
     disjoint mean (dare_ties). Masks: `masks={path: keep [K, d_in, d_out]}` or from `key`."""
     density = opts["density"]
+    k = len(adapters)
+    masks = _keep_masks(opts, {p: (k,) + _dims(adapters, p) for p in paths})
     out = {}
-    for i, p in enumerate(paths):
+    for p in paths:
       t = w[:, None, None] * _deltas(adapters, p)
-      if density < 1.0:
-        keep = (opts["masks"][p] if opts.get("masks") is not None
-                else _dare_keep(opts["key"], density, t.shape, i, 0))
-        t = jnp.where(keep, t / density, 0.0)
+      if masks is not None:
+        t = jnp.where(masks[p], t / density, 0.0)
       out[p] = _elect_and_mean(t, t, opts["majority_sign"]) if ties_after else t.sum(0)
     return MergeResult(name, "dense", dense=out)
   return fn
@@ -325,27 +352,24 @@ def _peft_combine(kind: str, t_KxN, w_K, opts, masks):
   return (t_KxN * wb).sum(0)
 
 
-def _peft_masks(name, opts, index, path, shape_a, shape_b):
-  if not name.startswith("dare") or opts["density"] >= 1.0:
-    return None, None
-  if opts.get("masks") is not None:
-    return opts["masks"][path]
-  return (_dare_keep(opts["key"], opts["density"], shape_a, index, 0),
-          _dare_keep(opts["key"], opts["density"], shape_b, index, 1))
-
-
 def _peft_factorwise(name):
   def fn(adapters, w, paths, opts) -> MergeResult:
     """PEFT `linear`/`ties`/`dare_linear`/`dare_ties`/`magnitude_prune`: the method applied to
     the stacked A's with weights sign·√|w s| and to the stacked B's with √|w s|, separately;
     the new adapter has scaling 1. (For DARE, `masks={path: (keep_a [K,d_in,r], keep_b
     [K,r,d_out])}` or masks drawn from `key`.)"""
+    masks = None
+    if name.startswith("dare"):
+      k = len(adapters)
+      masks = _keep_masks(opts, {
+          p: ((k, adapters[0][p].a.shape[0], adapters[0][p].rank),
+              (k, adapters[0][p].rank, adapters[0][p].b.shape[1])) for p in paths})
     out = {}
-    for i, p in enumerate(paths):
+    for p in paths:
       wa, wb = _peft_factor_weights(adapters, w, p)
       a_s = jnp.stack([ad[p].a for ad in adapters])
       b_s = jnp.stack([ad[p].b for ad in adapters])
-      ma, mb = _peft_masks(name, opts, i, p, a_s.shape, b_s.shape)
+      ma, mb = masks[p] if masks is not None else (None, None)
       out[p] = lora_lib.LoraFactors(_peft_combine(name, a_s, wa, opts, ma),
                                     _peft_combine(name, b_s, wb, opts, mb), 1.0)
     return MergeResult(name, "factors", adapter=out)
@@ -360,14 +384,13 @@ def _peft_svd(name):
     sign election, as PEFT), then a truncated SVD to `svd_rank` (default: the largest input
     rank) with σ on the output side, optionally clamped to the `svd_clamp` quantile."""
     rank = opts["svd_rank"] or max(ad[paths[0]].rank for ad in adapters)
+    masks = None
+    if inner.startswith("dare"):
+      masks = _keep_masks(opts, {p: (len(adapters),) + _dims(adapters, p) for p in paths})
     out = {}
-    for i, p in enumerate(paths):
+    for p in paths:
       t = _deltas(adapters, p)
-      masks = None
-      if inner.startswith("dare") and opts["density"] < 1.0:
-        masks = (opts["masks"][p] if opts.get("masks") is not None
-                 else _dare_keep(opts["key"], opts["density"], t.shape, i, 0))
-      merged = _peft_combine(inner, t, w, opts, masks)
+      merged = _peft_combine(inner, t, w, opts, None if masks is None else masks[p])
       a, b = _dense_svd(merged, rank)
       if opts["svd_clamp"] is not None:
         hi = jnp.quantile(jnp.concatenate([b.reshape(-1), a.reshape(-1)]), opts["svd_clamp"])
@@ -576,7 +599,19 @@ def merge(adapters: Sequence[Mapping[str, lora_lib.LoraFactors]], method: str,
     missing = sorted(set(paths) - set(opts["masks"]))
     if missing:
       raise ValueError(f"masks lack the paths {missing[:4]}")
-  return info.fn(adapters, w, paths, opts)
+  dynamic = {k: opts.pop(k) for k in _DYNAMIC_OPTIONS if k in opts}
+  return _run(list(adapters), w, dynamic, method=info.name, flavor=info.flavor,
+              static=tuple(sorted(opts.items())))
+
+
+_DYNAMIC_OPTIONS = ("key", "masks", "scale")
+
+
+@functools.partial(jax.jit, static_argnames=("method", "flavor", "static"))
+def _run(adapters, w, dynamic, *, method, flavor, static):
+  """One compiled merge per (method, options, shapes); inlined when called under a trace."""
+  info = _REGISTRIES[flavor][method]
+  return info.fn(adapters, w, sorted(adapters[0]), {**dict(static), **dynamic})
 
 
 def available(flavor: str = "default") -> list[str]:
