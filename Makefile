@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/default
-CONFIG ?= configs/default.py
+CONFIG ?= configs/two_hop.py
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 

@@ -1,0 +1,124 @@
+"""The paper pipeline in miniature: records' schema, report, resume, config errors, HF base."""
+
+import json
+import pathlib
+
+import jax
+import pytest
+
+from configs import smoke
+from experiments import common, pipeline, report, schema
+from lora_limits import tokenizer as tok_lib
+from lora_limits.models import transformer
+
+
+def _smoke(**overrides):
+  c = smoke.get_config()
+  for dotted, value in overrides.items():
+    node = c
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("smoke")
+  cfg = pipeline.parse(_smoke())
+  results = pipeline.run(cfg, workdir)
+  report.write_report(workdir, results)
+  return workdir, cfg
+
+
+def test_records_cover_every_model_tier_and_split(smoke_run):
+  workdir, cfg = smoke_run
+  records = common.read_jsonl(workdir / "results.jsonl")
+  evals = [r for r in records if not r["split"].startswith("train_")]
+  for r in evals:
+    assert set(report.REQUIRED) <= set(r)
+    assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] > 0 and 0.0 < r["chance"] < 1.0
+  models = {(r["library"], r["method"]) for r in evals}
+  expected = {("none", "base")} | {("single", n) for n in pipeline.CONTROLS[1:]}
+  expected |= {(lib, m) for lib in cfg.recycle.libraries for m in cfg.recycle.methods}
+  assert models == expected
+  assert {r["tier"] for r in evals} == {"F", "H", "R"}
+  assert {r["split"] for r in evals} == {"test_hop1", "test_hop2", "test_two_hop_direct",
+                                          "test_two_hop_cot"}
+  assert all("bridge_accuracy" in r for r in evals if r["answer_format"] == "cot")
+  assert len(evals) == len(expected) * 3 * 4
+  train = [r for r in records if r["split"].startswith("train_")]
+  assert {r["method"] for r in train} == {"hop1", "hop2", "target", "union"}
+
+
+def test_report_and_figures_exist(smoke_run):
+  workdir, _ = smoke_run
+  text = (workdir / "report.md").read_text()
+  assert "### What this shows" in text and "figures/two_hop_a_tier.png" in text
+  assert (workdir / "figures" / "two_hop_a_tier.png").stat().st_size > 1000
+  assert (workdir / "figures" / "two_hop_b_familiarity.png").stat().st_size > 1000
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["task"] == "two_hop" and config["seeds"] == [0]
+
+
+def test_report_regenerates_from_results_alone(smoke_run, tmp_path):
+  workdir, _ = smoke_run
+  (tmp_path / "results.jsonl").write_text((workdir / "results.jsonl").read_text())
+  assert report.main(["report", str(tmp_path)]) == 0
+  assert (tmp_path / "report.md").read_text() == (workdir / "report.md").read_text()
+
+
+def test_rerun_reuses_completed_seeds(smoke_run, monkeypatch):
+  workdir, cfg = smoke_run
+  before = (workdir / "results.jsonl").read_bytes()
+  monkeypatch.setattr(pipeline, "run_seed", lambda *a, **k: pytest.fail("recomputed a seed"))
+  pipeline.run(cfg, workdir)
+  assert (workdir / "results.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"task": "poetry"}, r"task='poetry' is not one of"),
+    ({"recycle.methods": ("sum", "magic")}, r"recycle.methods has 'magic'"),
+    ({"recycle.ties_density": 0.0}, r"recycle.ties_density must be in \(0, 1\]"),
+    ({"adapters.rank": 0}, r"LoraSpec.rank must be a positive int|adapters.rank must be > 0"),
+    ({"seeds": (-1,)}, r"seeds must be >= 0"),
+    ({"world.test_chains": 0}, r"test_chains"),
+])
+def test_bad_config_is_refused_before_compute(overrides, match):
+  with pytest.raises(schema.ConfigError, match=match):
+    pipeline.parse(_smoke(**overrides))
+
+
+def test_wrong_type_is_refused():
+  d = _smoke().to_dict()
+  d["pretrain"]["steps"] = "many"
+  with pytest.raises(schema.ConfigError, match=r"config.pretrain.steps must be an int, got str"):
+    pipeline.parse(d)
+
+
+def test_unknown_config_key_is_refused():
+  c = _smoke()
+  c.unlock()
+  c.model.depth = 3
+  with pytest.raises(schema.ConfigError, match=r"config.model: unknown key\(s\) \['depth'\]"):
+    pipeline.parse(c)
+
+
+def test_runs_on_a_hugging_face_checkpoint(tmp_path):
+  """--config.model.hf_path: a tiny random Llama checkpoint (written here) as the base."""
+  cfg = pipeline.parse(_smoke())
+  vocab = pipeline.two_hop.vocabulary(pipeline.world_settings(cfg, 0))
+  tok = tok_lib.build([" ".join(vocab)])
+  mcfg = transformer.ModelConfig(vocab_size=len(tok), d_model=32, n_layers=1, n_heads=2,
+                                 d_ff=64, tie_embeddings=False)
+  params = transformer.init(jax.random.key(0), mcfg)
+  from lora_limits.interop import hf
+  hf.export_checkpoint(tmp_path / "ckpt", mcfg, params, arch="llama", tokenizer=tok)
+  run_cfg = pipeline.parse(_smoke(**{"model.hf_path": str(tmp_path / "ckpt"),
+                                     "recycle.methods": ("sum",),
+                                     "recycle.libraries": ("two",)}))
+  results = pipeline.run(run_cfg, tmp_path / "work")
+  records = common.read_jsonl(results)
+  assert {(r["library"], r["method"]) for r in records} >= {("none", "base"), ("two", "sum")}
+  assert not (tmp_path / "work" / "cache" / "base").exists()  # no pretraining happened
