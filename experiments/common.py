@@ -115,9 +115,12 @@ class Progress:
 
 
 @contextlib.contextmanager
-def stage(name: str) -> Iterator[None]:
-  """Log the start and the wall time of a pipeline stage."""
+def stage(name: str, timings: dict[str, float] | None = None) -> Iterator[None]:
+  """Log the start and the wall time of a pipeline stage (and record it in `timings`)."""
   log(f"stage {name}: start")
   start = time.time()
   yield
-  log(f"stage {name}: done in {format_seconds(time.time() - start)}")
+  seconds = time.time() - start
+  if timings is not None:
+    timings[name] = round(seconds, 2)
+  log(f"stage {name}: done in {format_seconds(seconds)}")

@@ -479,14 +479,15 @@ def evaluate_model(model: Model, base: Base, world: task_common.World, task: str
   return records
 
 
-def run_seed(cfg: StudyConfig, seed: int, cache: pathlib.Path, tokenizer) -> list[dict]:
-  with common.stage(f"seed {seed}: world"):
+def run_seed(cfg: StudyConfig, seed: int, cache: pathlib.Path, tokenizer,
+             timings: dict[str, float] | None = None) -> list[dict]:
+  with common.stage(f"seed {seed}: world", timings):
     world = build_world(cfg, seed)
     corpus_lib.check_no_leak(world)
-  with common.stage(f"seed {seed}: base model"):
+  with common.stage(f"seed {seed}: base model", timings):
     base = pretrained_base(cfg, world, tokenizer, cache, seed)
   adapters, infos = {}, {}
-  with common.stage(f"seed {seed}: adapters"):
+  with common.stage(f"seed {seed}: adapters", timings):
     for name in ("hop1", "hop2", "target", "union"):
       adapters[name], infos[name] = trained_adapter(cfg, base, world, name, cache, seed)
   centroids = {}
@@ -497,11 +498,12 @@ def run_seed(cfg: StudyConfig, seed: int, cache: pathlib.Path, tokenizer) -> lis
   models = [Model("none", "base", base.params)]
   models += [Model("single", n, base.params, lora_lib.LoraMix.single(adapters[n]))
              for n in CONTROLS[1:]]
-  with common.stage(f"seed {seed}: recycling"):
+  with common.stage(f"seed {seed}: recycling", timings):
     for library in cfg.recycle.libraries:
       models += recycled_models(cfg, base, world, adapters, library, seed, centroids)
   records = []
-  with common.stage(f"seed {seed}: evaluation of {len(models)} models"):
+  common.log(f"seed {seed}: {len(models)} models to evaluate")
+  with common.stage(f"seed {seed}: evaluation", timings):
     progress = common.Progress(f"evaluate seed {seed}", len(models), every=5.0)
     for i, model in enumerate(models):
       records += evaluate_model(model, base, world, cfg.task, seed, cfg.eval_batch_size)
@@ -527,17 +529,20 @@ def run(cfg: StudyConfig, workdir: pathlib.Path) -> pathlib.Path:
   tokenizer = tok_lib.build([" ".join(vocabulary)])
   tokenizer.save_pretrained(str(workdir / "tokenizer"))
   all_records = []
+  timings: dict[str, float] = {}
   for seed in cfg.seeds:
     unit = workdir / "units" / f"{cfg.task}-seed{seed}.jsonl"
     if unit.exists():
       common.log(f"seed {seed}: results already in {unit}; skipping")
       all_records += common.read_jsonl(unit)
       continue
-    records = run_seed(cfg, seed, cache, tokenizer)
+    records = run_seed(cfg, seed, cache, tokenizer, timings)
     common.write_jsonl(unit, records)
     all_records += records
   results = workdir / "results.jsonl"
   common.write_jsonl(results, all_records)
+  timings["total"] = round(time.time() - start, 2)
+  common.write_json(workdir / "timings.json", timings)
   common.log(f"{len(all_records)} records in {results} "
              f"({common.format_seconds(time.time() - start)})")
   return results
