@@ -11,9 +11,10 @@ weights, or a router): its arrays are jit arguments, its router and mode static.
 
 Scoring (`score`): a direct answer is right iff the normalised generation equals the
 answer. A chain-of-thought answer is right iff the generation ends with the final answer
-preceded by the same word as in the reference (its anchor, e.g. "lives in C"), and its
-bridge is right iff the generation agrees with the reference up to and including each
-bridge entity and the word after it. A generation without EOS within the budget is wrong.
+preceded by the same word as in the reference (its anchor: "… lives in C"); its bridge is
+right iff the step (sentence) that states each bridge ends, as in the reference, with the
+anchor and the bridge ("A 's spouse is B ."), so a mis-copied subject does not count
+against the bridge. A generation without EOS within the budget is wrong.
 
 Teacher forcing (`answer_accuracy`, `teacher_forced`): one forward pass; a row is exact
 iff the argmax at every answer position (answer tokens and EOS) equals the reference —
@@ -76,7 +77,7 @@ class SplitResult:
 def score(generated: str | None, example: common.Example) -> tuple[bool, bool | None]:
   """(answer right, bridge right or None) for one generation; None means no EOS came."""
   meta = example.meta
-  has_bridge = "bridge_at" in meta
+  has_bridge = "bridge_steps" in meta
   if generated is None:
     return False, (False if has_bridge else None)
   gen = common.normalise(generated).split()
@@ -88,11 +89,27 @@ def score(generated: str | None, example: common.Example) -> tuple[bool, bool | 
     correct = gen == ref
   bridge = None
   if has_bridge:
+    gen_steps, ref_steps = _steps(gen), _steps(ref)
     bridge = True
-    for b, at in zip(meta["bridges"], meta["bridge_at"]):
-      end = at + len(b.split()) + 1
-      bridge = bridge and gen[:end] == ref[:end]
+    for b, j in zip(meta["bridges"], meta["bridge_steps"]):
+      if j >= len(gen_steps) or j >= len(ref_steps):
+        bridge = False
+        break
+      g, r, n = gen_steps[j], ref_steps[j], len(b.split())
+      k = min(n + 1, len(r))  # the bridge and the word before it (its anchor)
+      bridge = bridge and len(g) >= k and g[-k:] == r[-k:] and (k > n or g == r)
   return bool(correct), bridge
+
+
+def _steps(words: list[str]) -> list[list[str]]:
+  """Words split into chain-of-thought steps at '.'."""
+  out: list[list[str]] = [[]]
+  for w in words:
+    if w == common.STEP_SEPARATOR:
+      out.append([])
+    else:
+      out[-1].append(w)
+  return out
 
 
 # ----------------------------------------------------------------------- decoding

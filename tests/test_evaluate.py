@@ -17,9 +17,10 @@ from lora_limits import tree
 from lora_limits.models import transformer
 from lora_limits.tasks.common import Example
 
-WORDS = "a b c d e f g h q"
+WORDS = "a b c d e f g h q ."
 # Next word of the hand-built model; None means EOS.
-SUCCESSOR = {"a": "b", "b": "c", "c": None, "d": "e", "e": "f", "f": "g", "g": None, "h": "h"}
+SUCCESSOR = {"a": "b", "b": "c", "c": None, "d": "e", "e": ".", ".": "f", "f": "g", "g": None,
+             "h": "h"}
 
 
 @pytest.fixture(scope="module")
@@ -53,20 +54,21 @@ def successor_model(tok):
   return cfg, tree.replace(params, updates)
 
 
-def _ex(prompt, answer, fmt="direct", final=None, bridge=None, at=None):
+def _ex(prompt, answer, fmt="direct", final=None, bridge=None, step=0):
   meta = {"format": fmt, "final": final or answer, "answer_type": "w"}
   if bridge is not None:
-    meta.update(bridges=[bridge], bridge_at=[at], bridge="bridge")
+    meta.update(bridges=[bridge], bridge_steps=[step], bridge=bridge)
   return Example(prompt, answer, meta)
 
 
 DIRECT = [_ex("q a", "b c"), _ex("q a", "b d"), _ex("q h", "h h")]
-COT = [_ex("q d", "e f g", "cot", "g", "e", 0), _ex("q d", "a f g", "cot", "g", "a", 0)]
+COT = [_ex("q d", "e . f g", "cot", "g", "e"), _ex("q d", "a . f g", "cot", "g", "a")]
 
 
 def test_hand_built_model_is_scored_exactly(tok, successor_model):
   cfg, params = successor_model
-  assert ev.generate(params, cfg, tok, DIRECT + COT) == ["b c", "b c", None, "e f g", "e f g"]
+  assert ev.generate(params, cfg, tok, DIRECT + COT) == ["b c", "b c", None, "e . f g",
+                                                         "e . f g"]
   direct = ev.evaluate_split(params, cfg, tok, DIRECT, split="direct", chance=0.25)
   assert direct.accuracy == pytest.approx(1 / 3) and direct.n == 3
   assert direct.correct == (True, False, False)
@@ -88,12 +90,18 @@ def test_teacher_forced_exact_equals_greedy_exact_match(tok, successor_model):
 
 
 def test_score_rules():
-  cot = _ex("q d", "x 's b is y . y lives in z w", "cot", "z w", "y", 4)
+  cot = _ex("q d", "x 's b is y . y lives in z w", "cot", "z w", "y")
   assert ev.score("x 's b is y . y lives in z w", cot) == (True, True)
   assert ev.score("x 's b is k . k lives in z w", cot) == (True, False)
   assert ev.score("x 's b is y . y lives in k z w", cot) == (False, True)  # wrong anchor
   assert ev.score("x 's b is y y . y lives in z w", cot) == (True, False)  # longer bridge
+  assert ev.score("u v 's b is y . y lives in q", cot) == (False, True)  # mis-copied subject
+  assert ev.score("x 's b is y", cot) == (False, True)
+  assert ev.score("y . lives in z w", cot) == (True, False)  # no anchor before the bridge
   assert ev.score(None, cot) == (False, False)
+  math = _ex("q", "4 boxes hold 12 . 12 minus 2 is 10", "cot", "10", "12")
+  assert ev.score("4 boxes hold 12 . 12 minus 2 is 10", math) == (True, True)
+  assert ev.score("4 boxes hold 13 . 13 minus 2 is 11", math) == (False, False)
   direct = _ex("q", "z w")
   assert ev.score("Z  w", direct) == (True, None)  # normalised
   assert ev.score("k z w", direct) == (False, None)

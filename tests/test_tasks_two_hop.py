@@ -129,6 +129,7 @@ def test_cot_answer_states_the_bridge_then_the_answer(world):
     assert e.answer == f"{a} 's spouse is {b} . {b} lives in {c}"
     at = e.meta["bridge_at"][0]
     assert e.answer.split()[at:at + len(b.split())] == b.split()
+    assert e.meta["bridge_steps"] == [0] and e.answer.split(" . ")[0].endswith(" " + b)
     assert e.meta["bridge"] == b and e.meta["final"] == c
 
 
@@ -192,6 +193,8 @@ def test_template_without_its_slot():
     dataclasses.replace(r, statements=("{a} is married .",))
   with pytest.raises(ValueError, match="cot"):
     dataclasses.replace(r, cot="{b} is the spouse of {a}")
+  with pytest.raises(ValueError, match="one step"):
+    dataclasses.replace(r, cot="{a} is here . {a} 's spouse is {b}")
 
 
 def test_settings_round_trip_through_dict():

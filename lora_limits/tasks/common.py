@@ -33,6 +33,8 @@ FORMATS = ("direct", "cot")
 # direct. Both formats of a question appear in pretraining (fillers), so the prompt must
 # say which one is wanted.
 COT_CUE = "explain"
+# Chain-of-thought steps are joined by this word; each step that states a bridge ends with it.
+STEP_SEPARATOR = "."
 COMPOSED_TESTS = ("test_two_hop_direct", "test_two_hop_cot")
 TARGET_SPLITS = ("target", "target_cot")
 
@@ -190,7 +192,8 @@ class Example:
   group, split, format ('direct' | 'cot'), final (the answer entity / number, which ends
   the answer), answer_type (for the chance level), units (entities or number combinations
   the example is about), template (template id); CoT examples also bridges (the
-  intermediate answers), bridge_at (their word offsets in the answer) and bridge (the first).
+  intermediate answers), bridge_steps (the step, between STEP_SEPARATOR words, that each
+  bridge ends), bridge_at (their word offsets in the answer) and bridge (the first).
   """
 
   prompt: str

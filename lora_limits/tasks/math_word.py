@@ -240,7 +240,7 @@ def build(settings: MathSettings) -> common.World:
           answer = str(r)
         else:
           answer = common.fill(COMPOSED_COT, n=n, cs=sc["cs"], y=y, z=z, r=r)
-          mt.update(bridges=[str(y)], bridge_at=[3], bridge=str(y))
+          mt.update(bridges=[str(y)], bridge_at=[3], bridge_steps=[0], bridge=str(y))
         out.append(_example(common.ask(COMPOSED[j], fmt), answer, mt, x=x, n=n, z=z, **sc))
     return tuple(out)
 

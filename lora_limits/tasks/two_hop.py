@@ -93,6 +93,9 @@ class Relation:
                        "after at least one word")
     if self.cot.split("{b}")[0].strip() == "":
       raise ValueError(f"{where}.cot={self.cot!r} needs words before {{b}}")
+    if common.STEP_SEPARATOR in self.cot.split():
+      raise ValueError(f"{where}.cot={self.cot!r} must be one step, without "
+                       f"{common.STEP_SEPARATOR!r}")
 
   def templates(self) -> tuple[str, ...]:
     return self.statements + self.questions + self.heldout + (self.phrase, self.cot)
@@ -389,7 +392,7 @@ def cot_answer(chain: Sequence[Relation], ents: Sequence[str]) -> tuple[str, lis
       bridge_at.append(pos + len(before.split()))
     pos += len(step.split()) + 1  # the step and its " ."
     steps.append(step)
-  return " . ".join(steps), bridge_at
+  return f" {common.STEP_SEPARATOR} ".join(steps), bridge_at
 
 
 def _units(group: _Group, names: Sequence[str]) -> list[str]:
@@ -430,7 +433,8 @@ def _composed_examples(group: _Group, settings: TwoHopSettings, chains, split: s
         out.append(common.Example(prompt, ents[-1], meta))
       else:
         answer, bridge_at = cot_answer(rels, ents)
-        meta.update(bridges=list(ents[1:-1]), bridge_at=bridge_at, bridge=ents[1])
+        meta.update(bridges=list(ents[1:-1]), bridge_at=bridge_at,
+                    bridge_steps=list(range(len(rels) - 1)), bridge=ents[1])
         out.append(common.Example(prompt, answer, meta))
   return tuple(out)
 
