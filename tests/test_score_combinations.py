@@ -48,7 +48,7 @@ def loop_reference(params, ads, batch, w, method, **opts):
   """One merged model per combination, evaluated one by one (each a jitted single call)."""
 
   @jax.jit
-  def single(row):
+  def single(params, ads, row):  # arguments, not closures: XLA would constant-fold the merge
     if method == "mix":
       merged = params
       for k, ad in enumerate(ads):
@@ -61,7 +61,7 @@ def loop_reference(params, ads, batch, w, method, **opts):
 
   out = {m: [] for m in METRICS}
   for row in w:
-    m = single(jnp.asarray(row))
+    m = single(params, ads, jnp.asarray(row))
     for name in METRICS:
       out[name].append(float(m[name]))
   return {k: np.asarray(v) for k, v in out.items()}
@@ -148,6 +148,10 @@ def test_chunk_size_follows_the_memory_budget(setup):
   assert big.chunk == 16  # the default 4 GiB holds every combination at once
   tiny = eval_lib.make_plan(params, ads, 16, (6, 6), cfg=CFG, memory_budget_bytes=1)
   assert tiny.chunk == 1
+  # The working-set target caps the chunk too (wide vmaps are slower on a CPU).
+  capped = eval_lib.make_plan(params, ads, 16, (6, 6), cfg=CFG, method="ties",
+                              chunk_target_bytes=5 * per + 1)
+  assert capped.chunk == 5 and capped.padded == 20
 
 
 def test_sequence_metrics_by_hand():

@@ -246,13 +246,15 @@ def _weighted_sum(name):
 
 
 def _ties(adapters, w, paths, opts) -> MergeResult:
-  """TIES (Yadav et al. 2023): τ_k = w_k ΔW_k; trim each to its top `density` fraction by
-  magnitude (per tensor, as PEFT/mergekit; the paper trims the whole task vector); elect the
-  sign γ by total mass (or by count); disjoint mean over the τ_k agreeing with γ."""
+  """TIES (Yadav et al. 2023): trim each ΔW_k to its top `density` fraction by magnitude (per
+  tensor, as PEFT/mergekit; the paper trims the whole task vector), weight it, τ_k = w_k ·
+  trim(ΔW_k); elect the sign γ from the τ_k by total mass (or by count); disjoint mean over the
+  τ_k agreeing with γ. (Trimming before weighting keeps the same entries as trimming w_k ΔW_k,
+  and does not depend on w, so a vmap over weights computes it once.)"""
   out = {}
   for p in paths:
-    t = w[:, None, None] * _deltas(adapters, p)
-    t = jnp.stack([_keep_top(x, opts["density"]) for x in t])
+    trimmed = jnp.stack([_keep_top(x, opts["density"]) for x in _deltas(adapters, p)])
+    t = w[:, None, None] * trimmed
     out[p] = _elect_and_mean(t, t, opts["majority_sign"])
   return MergeResult("ties", "dense", dense=out)
 
@@ -276,11 +278,11 @@ def _dare(name, ties_after):
 
 
 def _magnitude_prune(adapters, w, paths, opts) -> MergeResult:
-  """Trim each τ_k = w_k ΔW_k to its top `density` fraction by magnitude, then sum."""
+  """Σ_k w_k · trim(ΔW_k): each update trimmed to its top `density` fraction by magnitude."""
   out = {}
   for p in paths:
-    t = w[:, None, None] * _deltas(adapters, p)
-    out[p] = jnp.stack([_keep_top(x, opts["density"]) for x in t]).sum(0)
+    trimmed = jnp.stack([_keep_top(x, opts["density"]) for x in _deltas(adapters, p)])
+    out[p] = jnp.einsum("k,kio->io", w, trimmed)
   return MergeResult("magnitude_prune", "dense", dense=out)
 
 
@@ -301,7 +303,7 @@ def _knots(adapters, w, paths, opts) -> MergeResult:
   """KnOTS / Core-Space style (Stoica et al. 2025): one SVD of the row-stacked updates
   [ΔW_1; …; ΔW_K] = [U_1; …; U_K] S V^T gives a shared output basis V and per-task input-side
   coefficients U_k (ΔW_k = U_k S V^T; torch's column concatenation of W_k [out, in]). Merge
-  w_k U_k by TIES (trim/elect/disjoint mean, `density`, `majority_sign`) or linearly (Σ, which
+  w_k U_k (U_k trimmed before weighting, as in `ties`) by TIES (trim/elect/disjoint mean, `density`, `majority_sign`) or linearly (Σ, which
   reproduces Σ_k w_k ΔW_k exactly), then ΔW = U_merged S V^T. Computed from the factors: QR of
   the concatenated B's, then a thin SVD of the [K·d_in, Σr] block matrix. Scale 1."""
   out = {}
@@ -317,12 +319,12 @@ def _knots(adapters, w, paths, opts) -> MergeResult:
     u, s, wt = jnp.linalg.svd(jnp.concatenate(blocks, axis=0), full_matrices=False)
     v = qb @ wt.T  # [O, n]
     d_in = fs[0].a.shape[0]
-    coeffs = w[:, None, None] * u.reshape(len(fs), d_in, -1)  # w_k U_k: [K, d_in, n]
+    coeffs = u.reshape(len(fs), d_in, -1)  # U_k: [K, d_in, n]
     if opts["inner"] == "linear":
-      merged = coeffs.sum(0)
+      merged = jnp.einsum("k,kin->in", w, coeffs)
     else:
-      trimmed = jnp.stack([_keep_top(c, opts["density"]) for c in coeffs])
-      merged = _elect_and_mean(trimmed, trimmed, opts["majority_sign"])
+      t = w[:, None, None] * jnp.stack([_keep_top(c, opts["density"]) for c in coeffs])
+      merged = _elect_and_mean(t, t, opts["majority_sign"])
     out[p] = lora_lib.LoraFactors(merged * s, v.T, 1.0)
   return MergeResult("knots", "factors", adapter=out)
 
