@@ -10,10 +10,11 @@ methods by name.
 
 Conventions. ΔW_k = s_k · A_k B_k with our kernels [d_in, d_out] acting as x @ W (torch and
 PEFT store the transpose: lora_A [r, in] = A^T, lora_B [out, r] = B^T). `weights=None` means
-uniform 1/K for the averages (`uniform_factors`, `uniform_delta`, `knots` with
-inner='linear') and 1 for everything else (sums; TIES-style methods already take a disjoint
-*mean*). Negative weights are allowed everywhere. Everything is written in `jnp` and is
-traceable in the weights, so `score_combinations` can vmap a merge over C weight vectors.
+uniform 1/K for the averages (`uniform_factors`, `uniform_delta`) and 1 for everything else
+(sums; TIES-style methods, `knots` included, already take a disjoint *mean*; `knots` with
+inner='linear' is then the plain sum). Negative weights are allowed everywhere. Everything is
+written in `jnp` and traceable in the weights, so `score_combinations` can vmap a merge over C
+weight vectors; called eagerly, each (method, options, shapes) compiles once.
 
 Two flavours:
 - 'default' — the methods as their papers define them on the *updates* ΔW_k (except
