@@ -1,14 +1,15 @@
 """ConfigDict → typed, frozen dataclasses, validated at the edge before any compute.
 
 `build(Cls, config, "config")` walks the dataclass fields: unknown keys, missing required
-keys, wrong types and the dataclass's own range checks (its `__post_init__`) all become one
-`ConfigError` naming the field path, the value and what is allowed. The library only ever
-sees the dataclasses.
+keys, wrong types, non-finite floats and the dataclass's own range checks (its
+`__post_init__`) all become one `ConfigError` naming the field path, the value and what is
+allowed. The library only ever sees the dataclasses.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -100,6 +101,9 @@ def convert(value: Any, typ: Any, path: str) -> Any:
   if typ is float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"{path} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+      # NaN slips through every `x < 0` range check and inf through every `x > 0` one.
+      raise ConfigError(f"{path} must be a finite number, got {value!r}")
     return float(value)
   if typ is str:
     if not isinstance(value, str):
