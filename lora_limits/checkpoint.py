@@ -4,15 +4,24 @@ A checkpoint holds the train state (step, trainable params, optimizer state) and
 record (data-iterator position, resolved config, metric history). Orbax writes each step
 into a temporary directory and renames it when complete, so a crash mid-save leaves the
 previous step intact; a step directory that fails to restore is reported by name.
+
+Orbax's array files carry no checksum: a flipped byte in a data file restores silently as
+a wrong value. So each save also records a SHA-256 of the state's bytes (tree paths,
+dtypes, shapes, values) in the JSON record, and a restore that does not reproduce it is
+refused. (Skipped for arrays this process cannot fully read, i.e. multi-host shards.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+_DIGEST_KEY = "_state_sha256"
 
 
 class CheckpointError(RuntimeError):
@@ -38,6 +47,9 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any, record: dict[str, Any]) -> None:
+    if _DIGEST_KEY in record:
+      raise ValueError(f"record key {_DIGEST_KEY!r} is reserved for the state digest")
+    record = dict(record, **{_DIGEST_KEY: state_digest(state)})
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)))
     self._manager.wait_until_finished()
@@ -53,8 +65,31 @@ class Checkpointer:
           f"checkpoint step {step} in {self.directory} cannot be restored "
           f"({type(e).__name__}: {str(e)[:300]}); delete that step directory to resume "
           "from an earlier one, or the whole directory to start over") from e
-    return restored["state"], dict(restored["record"])
+    record = dict(restored["record"])
+    expected = record.pop(_DIGEST_KEY, None)
+    if expected is not None:
+      got = state_digest(restored["state"])
+      if got is not None and got != expected:
+        raise CheckpointError(
+            f"checkpoint step {step} in {self.directory} restores to different values than "
+            f"were saved (state SHA-256 {got[:12]}..., recorded {expected[:12]}...): a data "
+            "file was altered or damaged; delete that step directory to resume from an "
+            "earlier one, or the whole directory to start over")
+    return restored["state"], record
 
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def state_digest(state: Any) -> str | None:
+  """SHA-256 over every leaf's tree path, dtype, shape and bytes (None if a leaf is not fully
+  addressable by this process)."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      return None
+    x = np.asarray(jax.device_get(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}|{x.dtype.str}|{x.shape}|".encode())
+    h.update(np.ascontiguousarray(x).tobytes())
+  return h.hexdigest()
