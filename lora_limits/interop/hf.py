@@ -316,7 +316,9 @@ def read_config(path: str | pathlib.Path) -> tuple[dict[str, Any], transformers.
   config_file = path / "config.json"
   if not config_file.exists():
     raise ValueError(f"checkpoint directory {str(path)!r} has no config.json")
-  raw = json.loads(config_file.read_text())
+  raw = shard.read_json(config_file)
+  if not isinstance(raw, dict):
+    raise ValueError(f"{str(config_file)!r} must hold a JSON object, got {type(raw).__name__}")
   _check_arch(raw.get("model_type"))
   return raw, transformers.AutoConfig.from_pretrained(str(path))
 
@@ -331,11 +333,18 @@ def load_tokenizer(path: str | pathlib.Path):
   # transformers v5's AutoTokenizer swaps a generic saved class ('TokenizersBackend') for the
   # model type's own tokenizer class, which can rebuild the pre-tokenizer; load what was saved.
   config_file = path / "tokenizer_config.json"
-  saved_class = json.loads(config_file.read_text()).get("tokenizer_class") if (
+  saved_class = shard.read_json(config_file).get("tokenizer_class") if (
       config_file.exists()) else None
-  if saved_class in _GENERIC_TOKENIZERS and (path / "tokenizer.json").exists():
-    return transformers.PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
-  return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+  if (path / "tokenizer.json").exists():
+    shard.read_json(path / "tokenizer.json")  # a damaged file is named, not a bare parse error
+  try:
+    if saved_class in _GENERIC_TOKENIZERS and (path / "tokenizer.json").exists():
+      return transformers.PreTrainedTokenizerFast.from_pretrained(str(path),
+                                                                  local_files_only=True)
+    return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+  except (OSError, ValueError, TypeError, KeyError) as e:
+    raise ValueError(f"the tokenizer files in {str(path)!r} cannot be loaded "
+                     f"({type(e).__name__}: {str(e)[:300]})") from e
 
 
 def load_checkpoint(path: str | pathlib.Path, dtype: str = "float32",

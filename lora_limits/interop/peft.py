@@ -90,7 +90,9 @@ def read_adapter(path: str | pathlib.Path) -> tuple[dict[str, Any], dict[str, tu
     raise ValueError(f"{where} has no {CONFIG_FILE}")
   if not (path / WEIGHTS_FILE).exists():
     raise ValueError(f"{where} has no {WEIGHTS_FILE} (only safetensors adapters are supported)")
-  config = json.loads((path / CONFIG_FILE).read_text())
+  config = shard.read_json(path / CONFIG_FILE)
+  if not isinstance(config, dict):
+    raise ValueError(f"{where}: {CONFIG_FILE} must hold a JSON object")
   _check_config(config, where)
   factors: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
   with shard.SafetensorsCheckpoint(path) as ckpt:

@@ -124,7 +124,9 @@ class SafetensorsCheckpoint:
     self.directory = pathlib.Path(directory)
     index = self.directory / "model.safetensors.index.json"
     if index.exists():
-      weight_map = json.loads(index.read_text())["weight_map"]
+      weight_map = read_json(index).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise ValueError(f"{str(index)!r} has no 'weight_map' object; the index is damaged")
       self._file_of = {k: self.directory / f for k, f in weight_map.items()}
     else:
       files = sorted(self.directory.glob("*.safetensors"))
@@ -134,7 +136,7 @@ class SafetensorsCheckpoint:
             "(only safetensors checkpoints are supported, not pytorch_model.bin)")
       self._file_of = {}
       for f in files:
-        with safe_open(f, "np") as handle:
+        with _safe_open(f) as handle:
           for key in handle.keys():
             self._file_of[key] = f
     self._stack = contextlib.ExitStack()
@@ -162,7 +164,7 @@ class SafetensorsCheckpoint:
     if f not in self._handles:
       if not f.exists():
         raise ValueError(f"the index names {f.name!r} for {key!r}, but that file is missing")
-      self._handles[f] = self._stack.enter_context(safe_open(f, "np"))
+      self._handles[f] = self._stack.enter_context(_safe_open(f))
     return self._handles[f]
 
   def shape(self, key: str) -> tuple[int, ...]:
@@ -175,6 +177,24 @@ class SafetensorsCheckpoint:
     self.max_read_bytes = max(self.max_read_bytes, block.nbytes)
     self.bytes_read += block.nbytes
     return block
+
+
+def read_json(path: str | pathlib.Path) -> Any:
+  """A JSON file's content; unreadable or malformed JSON is a ValueError naming the file."""
+  try:
+    return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{str(path)!r} is not a readable JSON file ({type(e).__name__}: {e}); it "
+                     "is truncated or corrupt") from e
+
+
+def _safe_open(f: pathlib.Path):
+  """safe_open(f), with a damaged file (truncated, bad header) reported by name."""
+  try:
+    return safe_open(f, "np")
+  except Exception as e:  # safetensors raises SafetensorError, OSError, ...
+    raise ValueError(f"safetensors file {str(f)!r} cannot be read ({type(e).__name__}: {e}); "
+                     "it is truncated or corrupt") from e
 
 
 def _normalise(index: Index | None, shape: tuple[int, ...]) -> list[slice]:
