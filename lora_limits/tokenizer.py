@@ -19,6 +19,8 @@ adapters train on.
 
 from __future__ import annotations
 
+import json
+import pathlib
 from collections.abc import Iterable, Sequence
 
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -48,8 +50,36 @@ def build(texts: Iterable[str]) -> PreTrainedTokenizerFast:
 
 
 def load(directory: str) -> PreTrainedTokenizerFast:
-  """A tokenizer saved with `save_pretrained(directory)` (local files only)."""
-  return PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
+  """A tokenizer saved with `save_pretrained(directory)` (local files only).
+
+  A missing directory or file, a damaged file, or special tokens other than ours (pad 0,
+  eos 1, bos 2, unk 3; e.g. tokenizer_config.json lost) is a ValueError naming the path.
+  """
+  path = pathlib.Path(directory)
+  if not path.is_dir():
+    raise ValueError(f"tokenizer directory {str(path)!r} does not exist")
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    f = path / name
+    if not f.is_file():
+      raise ValueError(f"tokenizer directory {str(path)!r} lacks {name} (save it with "
+                       "save_pretrained)")
+    try:
+      json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ValueError(f"{str(f)!r} is not a readable JSON file ({type(e).__name__}: {e}); it "
+                       "is truncated or corrupt") from e
+  try:
+    tok = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+  except (OSError, ValueError, TypeError, KeyError) as e:
+    raise ValueError(f"the tokenizer in {str(path)!r} cannot be loaded ({type(e).__name__}: "
+                     f"{str(e)[:300]})") from e
+  got = {"pad": (tok.pad_token, tok.pad_token_id), "eos": (tok.eos_token, tok.eos_token_id),
+         "bos": (tok.bos_token, tok.bos_token_id), "unk": (tok.unk_token, tok.unk_token_id)}
+  want = dict(zip(got, ((t, i) for i, t in enumerate(SPECIAL_TOKENS))))
+  if got != want:
+    raise ValueError(f"the tokenizer in {str(path)!r} has special tokens {got}; expected "
+                     f"{want} (is tokenizer_config.json from another tokenizer?)")
+  return tok
 
 
 def encode_text(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
