@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import pathlib
@@ -25,9 +26,16 @@ def format_seconds(seconds: float) -> str:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-  """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+  """Write to a temporary file in the same directory, fsync, then rename over `path`.
+
+  Temporary files a killed writer left for `path` (`.<name>.*.tmp`) are removed first; they
+  are never read. (One writer per path: a concurrent writer's temporary file would go too.)
+  """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
+  for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+    with contextlib.suppress(FileNotFoundError):
+      stale.unlink()
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
   try:
     with os.fdopen(fd, "wb") as f:
@@ -55,16 +63,30 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> N
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """Records of a JSON-lines file; a malformed line is an error naming file and line."""
+  """Records (JSON objects) of a JSON-lines file.
+
+  A line that is not a JSON object (a half-written last line, bytes that are not UTF-8) is
+  a ValueError naming the file and line, never skipped: our writers are atomic, so such a
+  file was damaged after it was written.
+  """
   out = []
-  with open(path, encoding="utf-8") as f:
-    for i, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: line {i} is not valid JSON ({e.msg})") from e
+  try:
+    with open(path, encoding="utf-8") as f:
+      for i, line in enumerate(f, start=1):
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}: line {i} is not valid JSON ({e.msg}); the file is truncated "
+                           "or corrupt (delete it to recompute it)") from e
+        if not isinstance(record, dict):
+          raise ValueError(f"{path}: line {i} is a JSON {type(record).__name__}, not a record "
+                           "object; the file is corrupt (delete it to recompute it)")
+        out.append(record)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); the file is "
+                     "corrupt (delete it to recompute it)") from e
   return out
 
 
