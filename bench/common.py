@@ -1,0 +1,263 @@
+"""Timing, memory and FLOP-count helpers shared by the benchmark parts.
+
+Timing: one warm-up call (compilation, caches), then `repeats` timed calls, each ending in
+`jax.block_until_ready` (the callables passed here must block); the median is reported with
+min and max. Memory: XLA's `memory_analysis` of a compiled program where one exists, and the
+growth of the process's resident set during a call, sampled every 2 ms on a thread (what
+torch and NumPy allocate is invisible to XLA and to tracemalloc). FLOPs: an analytic count of
+matrix-multiply FLOPs (a multiply-add is 2) and, where XLA can tell, `cost_analysis()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import math
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+
+from lora_limits import lora as lora_lib
+from lora_limits import tree as tree_lib
+from lora_limits.models import transformer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  """Seconds per call: median, min, max over `repeats` timed calls (after warm-up), and the
+  first call's seconds (compilation included)."""
+
+  median_s: float
+  min_s: float
+  max_s: float
+  repeats: int
+  first_s: float
+
+  def to_dict(self) -> dict[str, float]:
+    return dataclasses.asdict(self)
+
+
+def measure(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1) -> Timing:
+  """Time `fn()` (which must block until its result is ready)."""
+  if repeats < 1 or warmup < 0:
+    raise ValueError(f"measure needs repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+  first = None
+  for _ in range(warmup):
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start if first is None else first
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return Timing(statistics.median(times), min(times), max(times), repeats,
+                first if first is not None else times[0])
+
+
+def rss_bytes() -> int:
+  """The current resident set size of this process."""
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * _PAGE
+
+
+def max_rss_bytes() -> int:
+  """The process's peak resident set size so far (getrusage; kilobytes on Linux)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class RssPeak:
+  """`with RssPeak() as m: ...` → m.growth_bytes: the peak resident set during the block
+  above the resident set at its start (sampled every `interval_s`)."""
+
+  def __init__(self, interval_s: float = 0.002):
+    self.interval_s = interval_s
+    self.start_bytes = 0
+    self.peak_bytes = 0
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+
+  def _sample(self):
+    while not self._stop.is_set():
+      self.peak_bytes = max(self.peak_bytes, rss_bytes())
+      self._stop.wait(self.interval_s)
+
+  def __enter__(self) -> "RssPeak":
+    self.start_bytes = self.peak_bytes = rss_bytes()
+    self._thread = threading.Thread(target=self._sample, daemon=True)
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._stop.set()
+    self._thread.join()
+    self.peak_bytes = max(self.peak_bytes, rss_bytes())
+
+  @property
+  def growth_bytes(self) -> int:
+    return self.peak_bytes - self.start_bytes
+
+
+def xla_memory(compiled) -> dict[str, int]:
+  """Buffer sizes XLA allocates for a compiled program (bytes), and their total."""
+  stats = compiled.memory_analysis()
+  out = {name: int(getattr(stats, f"{name}_size_in_bytes"))
+         for name in ("argument", "output", "temp", "alias", "generated_code")}
+  out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+  return out
+
+
+def xla_flops(compiled) -> float | None:
+  """XLA's FLOP count of a compiled program (None when unavailable). A while loop's body is
+  counted once, whatever its trip count."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, list):
+    analysis = analysis[0] if analysis else {}
+  flops = (analysis or {}).get("flops")
+  return float(flops) if flops is not None else None
+
+
+# --- analytic FLOP counts (matrix multiplies only; a multiply-add counts 2) ---------------
+
+def kernel_dims(cfg: transformer.ModelConfig, targets: str) -> tuple[list, list]:
+  """([(d_in, d_out)] of every block kernel, [(d_in, d_out)] of those LoRA adapts)."""
+  shapes = jax.eval_shape(lambda: transformer.init(jax.random.key(0), cfg))
+  flat = tree_lib.flatten(shapes)
+  block = sorted(p for p, x in flat.items() if p.startswith("layers/") and len(x.shape) == 2)
+  adapted = lora_lib.target_paths(shapes, targets)
+  return [tuple(flat[p].shape) for p in block], [tuple(flat[p].shape) for p in adapted]
+
+
+def forward_flops(cfg: transformer.ModelConfig, batch: int, seq: int, *, lora_k: int = 0,
+                  lora_rank: int = 0, targets: str = lora_lib.DEFAULT_TARGETS) -> dict[str, float]:
+  """Matmul FLOPs of one forward over [batch, seq] tokens, by part: block kernels, lm head,
+  attention (scores and values over the full T×T, as computed), and the unmerged LoRA
+  products of `lora_k` adapters of rank `lora_rank` (x A_k, then (·) B_k)."""
+  block, adapted = kernel_dims(cfg, targets)
+  n = batch * seq
+  heads, dh = cfg.n_heads, cfg.resolved_head_dim
+  return {
+      "kernels": 2.0 * n * sum(i * o for i, o in block),
+      "lm_head": 2.0 * n * cfg.d_model * cfg.vocab_size,
+      "attention": 4.0 * cfg.n_layers * batch * heads * seq * seq * dh,
+      "lora": 2.0 * n * lora_k * lora_rank * sum(i + o for i, o in adapted),
+  }
+
+
+def train_step_flops(cfg: transformer.ModelConfig, batch: int, seq: int, *, kind: str,
+                     lora_rank: int = 0, targets: str = lora_lib.DEFAULT_TARGETS) -> float:
+  """Matmul FLOPs of one training step: forward + backward. Full fine-tuning: 3× the forward
+  (input and weight gradients). LoRA: frozen kernels and the (tied) lm head need only input
+  gradients (2×), attention and the LoRA products 3×. Ideal LoRA/full ≈ 2/3 for small r."""
+  if kind not in ("full", "lora"):
+    raise ValueError(f"kind={kind!r} is not one of ['full', 'lora']")
+  f = forward_flops(cfg, batch, seq, lora_k=1 if kind == "lora" else 0, lora_rank=lora_rank,
+                    targets=targets)
+  if kind == "full":
+    return 3.0 * (f["kernels"] + f["lm_head"] + f["attention"])
+  return 2.0 * (f["kernels"] + f["lm_head"]) + 3.0 * (f["attention"] + f["lora"])
+
+
+# --- the machine ----------------------------------------------------------------------------
+
+def _version(name: str) -> str | None:
+  try:
+    return importlib.metadata.version(name)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def _cpu_model() -> str:
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def _cpu_flags() -> list[str]:
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("flags"):
+        flags = set(line.split(":", 1)[1].split())
+        return sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"})
+  except OSError:
+    pass
+  return []
+
+
+def _mem_total() -> int | None:
+  try:
+    for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+      if line.startswith("MemTotal:"):
+        return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def _git_commit() -> str | None:
+  try:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                         text=True, timeout=10, check=False)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout.strip() or None
+
+
+def load_average() -> list[float]:
+  return [round(x, 2) for x in os.getloadavg()]
+
+
+def machine_info() -> dict[str, Any]:
+  """Cores, CPU model, memory, load, library versions, date: what every figure carries."""
+  try:
+    import torch
+    torch_threads = torch.get_num_threads()
+  except ImportError:
+    torch_threads = None
+  return {
+      "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      "cpu_model": _cpu_model(),
+      "cpu_flags": _cpu_flags(),
+      "cores": os.cpu_count(),
+      "cores_usable": len(os.sched_getaffinity(0)),
+      "memory_bytes": _mem_total(),
+      "load_average_1_5_15": load_average(),
+      "python": platform.python_version(),
+      "versions": {name: _version(name) for name in
+                   ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "peft", "transformers")},
+      "jax_devices": [str(d) for d in jax.devices()],
+      "torch_threads": torch_threads,
+      "git_commit": _git_commit(),
+  }
+
+
+def gflops(flops: float, seconds: float) -> float:
+  return flops / seconds / 1e9 if seconds > 0 else float("nan")
+
+
+def round_floats(tree: Any, digits: int = 4) -> Any:
+  """Floats rounded to `digits` significant digits (for readable JSON)."""
+  if isinstance(tree, float):
+    return float(f"{tree:.{digits}g}") if math.isfinite(tree) else None
+  if isinstance(tree, Mapping):
+    return {k: round_floats(v, digits) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [round_floats(v, digits) for v in tree]
+  return tree

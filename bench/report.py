@@ -1,0 +1,545 @@
+"""BENCHMARKS.md and the figures, generated from results.json (never edited by hand).
+
+`targets(results)` checks the issue's targets against the measured ratios; `render` writes
+every table with the command, machine, library versions, date and load that produced it;
+the analysis paragraphs are computed from the same numbers, so a rerun rewrites them.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+MiB = 2 ** 20
+GiB = 2 ** 30
+
+
+# --- formatting ----------------------------------------------------------------------------
+
+def _f(x: float | None, digits: int = 3) -> str:
+  if x is None:
+    return "—"
+  if x == 0:
+    return "0"
+  if abs(x) >= 10 ** digits:
+    return f"{x:,.0f}"
+  return f"{x:.{digits}g}"
+
+
+def _x(x: float | None) -> str:
+  return "—" if x is None else f"{_f(x)}×"
+
+
+def _pct(x: float | None) -> str:
+  return "—" if x is None else f"{100 * x:.0f}%"
+
+
+def _mib(x: float | None) -> str:
+  return "—" if x is None else f"{x / MiB:,.1f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def _range(values: Sequence[float], fmt=_x) -> str:
+  if not values:
+    return "—"
+  if len(values) == 1:
+    return fmt(values[0])
+  return f"{fmt(min(values))} – {fmt(max(values))} (median {fmt(statistics.median(values))})"
+
+
+def _met(ok: bool | None) -> str:
+  return "—" if ok is None else ("met" if ok else "**missed**")
+
+
+# --- targets -----------------------------------------------------------------------------------
+
+def _regimes(cells: list[dict]) -> tuple[int | None, int | None]:
+  """(few-shot examples, compute-bound examples): the smallest and largest examples value."""
+  values = sorted({c["examples"] for c in cells})
+  if not values:
+    return None, None
+  return values[0], (values[-1] if len(values) > 1 else None)
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+  """The issue's targets: what was measured ('ours' as shipped, and with chunk_size set by
+  the rule), and whether each is met (None: not measured in this run)."""
+  parts = results.get("parts", {})
+  out = []
+
+  def add(name, shipped, shipped_ok, chunked=None, chunked_ok=None, source=""):
+    out.append({"target": name, "ours": shipped, "met": shipped_ok, "ours_chunk": chunked,
+                "met_chunk": chunked_ok, "source": source})
+
+  cells = parts.get("scoring", {}).get("cells", [])
+  few, heavy = _regimes(cells)
+
+  def ratio_target(name, examples, key, threshold):
+    sel = [c for c in cells if c["examples"] == examples and key[1] in c]
+    if examples is None or not sel:
+      add(name, None, None, source="scoring")
+      return
+    mine = [c["ratios"][f"ours/{key[1]}"] for c in sel]
+    chunk = [c["ratios"][f"ours_chunk/{key[1]}"] for c in sel]
+    add(name, _range(mine), min(mine) >= threshold, _range(chunk), min(chunk) >= threshold,
+        f"scoring, {examples} examples, {len(sel)} cells (K × C)")
+
+  ratio_target("few-shot scoring ≥ 20× the PEFT loop", few, ("ours", "peft"), 20.0)
+  ratio_target("few-shot scoring ≥ 5× the jitted Python loop", few, ("ours", "jax_loop"), 5.0)
+  ratio_target("compute-bound scoring ≥ 2× the PEFT loop", heavy, ("ours", "peft"), 2.0)
+  ratio_target("compute-bound scoring never slower than the jitted loop", heavy,
+               ("ours", "jax_loop"), 1.0)
+  util = parts.get("utilisation", {})
+  points = [p for p in util.get("scoring", []) if heavy is not None and p["examples"] == heavy]
+  if points:
+    p = points[0]
+    add("compute-bound scoring ≥ 60% of the matmul peak",
+        f"{_pct(p['ours']['fraction_of_peak'])} ({_f(p['ours']['gflops_per_s'])} GFLOP/s)",
+        p["ours"]["fraction_of_peak"] >= 0.6,
+        f"{_pct(p['ours_chunk']['fraction_of_peak'])} "
+        f"({_f(p['ours_chunk']['gflops_per_s'])} GFLOP/s)",
+        p["ours_chunk"]["fraction_of_peak"] >= 0.6,
+        f"utilisation, {p['examples']} examples, C = {p['num_combinations']}, analytic FLOPs")
+  else:
+    add("compute-bound scoring ≥ 60% of the matmul peak", None, None, source="utilisation")
+  models = parts.get("training", {}).get("models", {})
+  r = {n: m["ratios"] for n, m in models.items()}
+  vs_torch = {n: v["ours_lora/torch_lora_tokens_per_s"] for n, v in r.items()
+              if "ours_lora/torch_lora_tokens_per_s" in v}
+  add("LoRA training ≥ 1.3× torch + PEFT tokens/s",
+      ", ".join(f"{n}: {_x(v)}" for n, v in vs_torch.items()) or None,
+      all(v >= 1.3 for v in vs_torch.values()) if vs_torch else None, source="training")
+  lora_full = {n: v["ours_lora_step/ours_full_step"] for n, v in r.items()}
+  add("LoRA step ≤ 0.75× a full fine-tuning step",
+      ", ".join(f"{n}: {_x(v)}" for n, v in lora_full.items()) or None,
+      all(v <= 0.75 for v in lora_full.values()) if lora_full else None, source="training")
+  checks = parts.get("scoring", {}).get("memory_check", [])
+  if checks:
+    worst = max(c["xla_total_bytes"] / c["budget_bytes"] for c in checks)
+    add("memory: the evaluator never exceeds its budget, whatever C",
+        f"XLA buffers ≤ {_pct(worst)} of the budget over C up to "
+        f"{max(c['num_combinations'] for c in checks):,} and {len({c['budget_bytes'] for c in checks})}"
+        " budgets", all(c["within_budget"] for c in checks), source="scoring memory check")
+  else:
+    add("memory: the evaluator never exceeds its budget, whatever C", None, None,
+        source="scoring memory check")
+  e2e = parts.get("e2e", {})
+  if e2e.get("found"):
+    total = e2e["stages"].get("total")
+    add("`make run` ≤ 10 minutes", f"{_f(total / 60)} min" if total is not None else None,
+        (total <= 600) if total is not None else None, source="e2e timings.json")
+  else:
+    add("`make run` ≤ 10 minutes", None, None, source="e2e")
+  return out
+
+
+# --- figures -----------------------------------------------------------------------------------
+
+def figures(results: dict[str, Any], directory: pathlib.Path) -> list[pathlib.Path]:
+  """scoring.png, training.png, scaling.png (those whose part was measured)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from bench import scaling
+
+  parts = results.get("parts", {})
+  directory.mkdir(parents=True, exist_ok=True)
+  written = []
+  cells = parts.get("scoring", {}).get("cells", [])
+  if cells:
+    examples = sorted({c["examples"] for c in cells})
+    fig, axes = plt.subplots(1, len(examples), figsize=(6.5 * len(examples), 4.2), squeeze=False)
+    names = ("ours", "ours_chunk", "dense_map", "jax_loop", "peft")
+    for ax, n in zip(axes[0], examples):
+      sel = [c for c in cells if c["examples"] == n]
+      labels = [f"K={c['num_adapters']}\nC={c['num_combinations']}" for c in sel]
+      width = 0.8 / len(names)
+      for i, name in enumerate(names):
+        ys = [c[name]["combos_per_s"] if name in c else 0 for c in sel]
+        ax.bar([j + i * width for j in range(len(sel))], ys, width, label=name)
+      ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sel))], labels, fontsize=7)
+      ax.set_yscale("log")
+      ax.set_ylabel("combinations per second")
+      ax.set_title(f"{n} examples per combination")
+      ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(directory / "scoring.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+  models = parts.get("training", {}).get("models", {})
+  if models:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    kinds = ("ours_lora", "torch_lora", "ours_full", "torch_full")
+    width = 0.8 / len(kinds)
+    for i, kind in enumerate(kinds):
+      ys = [m[kind]["tokens_per_s"] if kind in m else 0 for m in models.values()]
+      ax.bar([j + i * width for j in range(len(models))], ys, width, label=kind)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], list(models))
+    ax.set_ylabel("training tokens per second")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(directory / "training.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+  if parts.get("scaling", {}).get("sweeps"):
+    written.append(directory / "scaling.png")
+    scaling.plot(parts["scaling"], written[-1])
+  return written
+
+
+# --- markdown ----------------------------------------------------------------------------------
+
+def _measured(part: dict[str, Any]) -> str:
+  m = part.get("measured", {})
+  if not m:
+    return ""
+  return (f"*Measured {m.get('date_utc')} by `{m.get('command')}` (commit {m.get('git_commit')}), "
+          f"{_f(m.get('seconds'))} s; load average (1/5/15 min) {m.get('load_before')} before, "
+          f"{m.get('load_after')} after.*")
+
+
+def _machine(results: dict[str, Any]) -> str:
+  m = results.get("machine", {})
+  if not m:
+    return "(no machine recorded)"
+  v = m.get("versions", {})
+  versions = ", ".join(f"{k} {v[k]}" for k in v if v[k])
+  mem = m.get("memory_bytes")
+  return "\n".join([
+      f"- CPU: {m.get('cpu_model')} ({', '.join(m.get('cpu_flags', []))}), "
+      f"{m.get('cores')} cores ({m.get('cores_usable')} usable), "
+      f"{_f(mem / GiB if mem else None)} GiB memory",
+      f"- Python {m.get('python')}; {versions}; torch threads {m.get('torch_threads')}; "
+      f"JAX devices {m.get('jax_devices')}",
+      f"- Date {m.get('date_utc')}, commit {m.get('git_commit')}, load average at start "
+      f"{m.get('load_average_1_5_15')}",
+  ])
+
+
+def _scoring_section(part: dict[str, Any], rel) -> list[str]:
+  out = ["## 1. Scoring combinations", "", _measured(part), ""]
+  sizes = part.get("sizes", {})
+  model = sizes.get("model", {})
+  out += [
+      f"Model: {model.get('n_layers')} layers, d {model.get('d_model')}, MLP "
+      f"{model.get('d_ff')}, vocab {model.get('vocab_size')} (Llama-style); rank-"
+      f"{sizes.get('rank')} adapters on all seven projections; {sizes.get('seq_len')} tokens "
+      "per sequence; metric: teacher-forced mean NLL of the answer half. Weights are random, "
+      "written with `export_checkpoint` / `save_adapter` and read back by both frameworks. "
+      "Contenders: **ours** = `score_combinations(method='mix')` as shipped (one compiled "
+      "call, default memory-budget plan); **ours_chunk** = the same call with `chunk_size` "
+      f"set so a chunk holds ≈{part.get('chunk_tokens')} tokens; **dense_map** = a bench-side "
+      "prototype (one compiled `lax.map` of merge-then-forward, not in the library); "
+      "**jax_loop** = a Python loop dispatching one jitted merge-then-forward call per "
+      "combination (asynchronously, one block at the end); **peft** = `add_weighted_adapter"
+      "(..., 'cat')` + `set_adapter` + no-grad forward + `delete_adapter` per combination. "
+      "The loops' cost per combination does not depend on C, so they are timed once per "
+      "(examples, K) and their rate is compared with ours at every C. Times: median of up to "
+      f"{sizes.get('repeats')} calls after a warm-up call (fewer when one call exceeds "
+      f"{sizes.get('budget_s')} s / repeats).", ""]
+  cells = part.get("cells", [])
+  for n in sorted({c["examples"] for c in cells}):
+    sel = [c for c in cells if c["examples"] == n]
+    out += [f"**{n} examples per combination** (combinations per second; ratios of rates; "
+            "XLA memory = arguments + temps of the compiled plan, MiB):", ""]
+    rows = []
+    for c in sel:
+      r = c["ratios"]
+      rows.append([
+          c["num_adapters"], c["num_combinations"], _f(c["ours"]["combos_per_s"]),
+          f"{_f(c['ours_chunk']['combos_per_s'])} ({c['ours_chunk']['chunk']})",
+          _f(c["dense_map"]["combos_per_s"]),
+          _f(c.get("jax_loop", {}).get("combos_per_s")), _f(c.get("peft", {}).get("combos_per_s")),
+          _x(r.get("ours/jax_loop")), _x(r.get("ours/peft")), _x(r.get("ours_chunk/jax_loop")),
+          _x(r.get("ours_chunk/peft")), _x(r.get("dense_map/jax_loop")),
+          f"{_mib(c['ours']['xla_temp_bytes'] + c['ours']['xla_argument_bytes'])} "
+          f"({c['ours']['chunk']})",
+          _mib(c["ours_chunk"]["xla_temp_bytes"] + c["ours_chunk"]["xla_argument_bytes"]),
+          _mib(c["ours"]["rss_growth_bytes"])])
+    out += [_table(["K", "C", "ours", "ours_chunk (chunk)", "dense_map", "jax_loop", "peft",
+                    "ours/loop", "ours/peft", "chunk/loop", "chunk/peft", "dense_map/loop",
+                    "ours XLA MiB (chunk)", "ours_chunk XLA MiB", "ours RSS growth MiB"],
+                   rows), ""]
+  loops = part.get("loops", [])
+  if loops:
+    out += [f"Agreement of the three contenders on the loops' combinations (max |Δ loss| "
+            f"against ours; tolerance {part.get('agreement_atol')}), and the loops' own "
+            "timing and memory:", ""]
+    rows = [[lp["examples"], lp["num_adapters"], lp["combos"],
+             _f(lp["jax_loop"]["combos_per_s"]), _f(lp.get("peft", {}).get("combos_per_s")),
+             _f(lp["agreement"]["max_abs_diff_by_contender"].get("jax_loop"), 2),
+             _f(lp["agreement"]["max_abs_diff_by_contender"].get("peft"), 2),
+             _f(lp["agreement"]["score_spread"], 2),
+             "yes" if lp["agreement"]["agree"] else "**no**",
+             _mib(lp["jax_loop"]["rss_growth_bytes"]),
+             _mib(lp.get("peft", {}).get("rss_growth_bytes"))] for lp in loops]
+    out += [_table(["examples", "K", "combos timed", "jax_loop /s", "peft /s",
+                    "max Δ jax_loop", "max Δ peft", "spread of scores", "agree",
+                    "jax_loop RSS growth MiB", "peft RSS growth MiB"], rows), ""]
+    worst_cell = max((c["agreement"]["max_abs_diff"] for c in cells), default=None)
+    if worst_cell is not None:
+      out += [f"Within every cell, ours_chunk and dense_map reproduce ours to max |Δ loss| "
+              f"{_f(worst_cell, 2)}.", ""]
+  checks = part.get("memory_check", [])
+  if checks:
+    out += ["**Memory budget** (compile only: `memory_analysis` of the default plan; K = 4):", ""]
+    rows = [[c["examples"], f"{c['budget_bytes'] / MiB:,.0f}", f"{c['num_combinations']:,}",
+             c["chunk"], _mib(c["xla_total_bytes"]), _pct(c["xla_total_bytes"] / c["budget_bytes"]),
+             "yes" if c["within_budget"] else "**no**"] for c in checks]
+    out += [_table(["examples", "budget MiB", "C", "chunk", "XLA total MiB", "of budget",
+                    "within"], rows), ""]
+  if cells:
+    out += [f"![scoring]({rel('scoring.png')})", ""]
+  return out
+
+
+def _training_section(part: dict[str, Any], rel) -> list[str]:
+  out = ["## 2. LoRA training", "", _measured(part), ""]
+  sizes = part.get("sizes", {})
+  out += [f"Batch {sizes.get('batch_size')} × {sizes.get('seq_len')} tokens, rank "
+          f"{sizes.get('rank')} (alpha {sizes.get('alpha')}) on all seven projections, AdamW "
+          "(constant lr, β (0.9, 0.98), no decay) with global-norm clip 1.0, loss on every "
+          "position. Ours: `train.make_train_step` compiled once, state donated; torch: "
+          "transformers + PEFT (`is_trainable=True`), fused AdamW. Step time: median over "
+          f"{sizes.get('repeats')} repeats of {sizes.get('steps')} steps after a warm-up "
+          "repeat.", ""]
+  rows = []
+  for name, m in part.get("models", {}).items():
+    r = m["ratios"]
+    diff = m.get("loss_max_abs_diff", {})
+    rows.append([
+        name, f"{m['num_params']:,}", f"{m['lora_params']:,}",
+        _ms(m, "ours_lora"), _ms(m, "torch_lora"), _ms(m, "ours_full"), _ms(m, "torch_full"),
+        _f(m["ours_lora"]["tokens_per_s"]), _f(m.get("torch_lora", {}).get("tokens_per_s")),
+        _x(r.get("ours_lora/torch_lora_tokens_per_s")),
+        _x(r.get("ours_lora_step/ours_full_step")), _x(r.get("torch_lora_step/torch_full_step")),
+        _x(r.get("ideal_lora/full_flops")),
+        _x(_div(m["ours_lora"].get("flops_xla"), m["ours_full"].get("flops_xla"))),
+        f"{_f(diff.get('lora'), 2)} / {_f(diff.get('full'), 2)}" if diff else "—"])
+  out += [_table(["model", "params", "LoRA params", "ours LoRA ms", "torch LoRA ms",
+                  "ours full ms", "torch full ms", "ours LoRA tok/s", "torch LoRA tok/s",
+                  "ours/torch (LoRA)", "LoRA/full ours", "LoRA/full torch",
+                  "LoRA/full matmul FLOPs", "LoRA/full XLA FLOPs",
+                  f"max Δ loss, first {sizes.get('check_steps')} steps (LoRA / full)"], rows),
+          "", f"![training]({rel('training.png')})", ""]
+  return out
+
+
+def _ms(model: dict[str, Any], kind: str) -> str:
+  return _f(model[kind]["step_s"] * 1e3) if kind in model else "—"
+
+
+def _div(a, b):
+  return a / b if a is not None and b else None
+
+
+def _utilisation_section(part: dict[str, Any]) -> list[str]:
+  out = ["## 3. Utilisation", "", _measured(part), ""]
+  mm = part.get("matmul", {})
+  rows = [[f"{n}×{n}", _f(e.get("jax")), _f(e.get("numpy")), _f(e.get("torch"))]
+          for n, e in mm.get("square", {}).items()]
+  out += ["Float32 matmul GFLOP/s (median; 2n³ FLOPs):", "",
+          _table(["square", "JAX", "NumPy", "torch"], rows), "",
+          f"Peak used below: **{_f(mm.get('peak_gflops'))} GFLOP/s** (best JAX square). "
+          "The default model's own matmul shapes (batch 64 × 32 tokens) run at: "
+          + ", ".join(f"{k} {_f(v)}" for k, v in mm.get("model_shapes", {}).items())
+          + f" GFLOP/s. A jitted call costs {_f(mm.get('dispatch_us'))} µs to dispatch.", ""]
+  rows = []
+  for name, kinds in part.get("train", {}).items():
+    for kind, e in kinds.items():
+      rows.append([name, kind, _f(e["step_s"] * 1e3), _f(e["flops_analytic"] / 1e9),
+                   _f((e["flops_xla"] or 0) / 1e9 if e["flops_xla"] else None),
+                   _f(e["gflops_per_s_analytic"]), _pct(e["fraction_of_peak_analytic"]),
+                   _f(e["gflops_per_s_xla"]), _pct(e["fraction_of_peak_xla"])])
+  out += ["Train steps (ours):", "",
+          _table(["model", "step", "ms", "GFLOP analytic", "GFLOP XLA", "GFLOP/s analytic",
+                  "of peak", "GFLOP/s XLA", "of peak"], rows), ""]
+  rows = []
+  for p in part.get("scoring", []):
+    for name in ("ours", "ours_chunk", "dense_map", "jax_loop"):
+      e = p[name]
+      rows.append([p["examples"], p["num_combinations"], name, e["route"],
+                   _f(p["flops_per_combination_analytic"][e["route"]] / 1e9),
+                   _f((p["flops_per_combination_xla"].get(e["route"]) or 0) / 1e9
+                      if p["flops_per_combination_xla"].get(e["route"]) else None),
+                   _f(e["combos_per_s"]), _f(e["gflops_per_s"]), _pct(e["fraction_of_peak"]),
+                   _f(e["useful_gflops_per_s"])])
+  out += [f"Scoring (K = {part.get('sizes', {}).get('num_adapters')}): FLOPs per combination "
+          "counted analytically for the route each scorer takes (mix: forward + K LoRA "
+          "products per adapted kernel; dense: merge + forward), cross-checked with XLA's "
+          "`cost_analysis` of a single-combination program (the scorers' own programs are "
+          "while loops, which XLA counts once). 'Useful' GFLOP/s counts only the dense route's "
+          "FLOPs, the least work that scores a combination.", "",
+          _table(["examples", "C", "scorer", "route", "GFLOP/comb analytic",
+                  "GFLOP/comb XLA", "combos/s", "GFLOP/s", "of peak", "useful GFLOP/s"], rows),
+          ""]
+  return out
+
+
+def _scaling_section(part: dict[str, Any], rel) -> list[str]:
+  base = dict(part.get("sizes", {}).get("base", []))
+  out = ["## 4. Scaling of our scorer", "", _measured(part), "",
+         "One dimension at a time around " + ", ".join(f"{k} = {v}" for k, v in base.items())
+         + ", with `chunk_size` by the rule (and the default plan for C; the chunk sweep at "
+         "two (examples, C) points). Memory: XLA arguments + temps of the compiled plan.", "",
+         f"![scaling]({rel('scaling.png')})", ""]
+  rows = []
+  for dim, points in part.get("sweeps", {}).items():
+    for p in points:
+      rows.append([dim, p["chunk"] if dim == "chunk" else p[dim], p["examples"],
+                   p["num_combinations"], p["chunk_setting"], p["chunk"],
+                   _f(p["seconds"]["median_s"] * 1e3), _f(p["combos_per_s"]),
+                   _mib(p["xla_argument_bytes"] + p["xla_temp_bytes"]),
+                   _mib(p["rss_growth_bytes"])])
+  out += [_table(["sweep", "value", "examples", "C", "chunk setting", "chunk", "ms/call",
+                  "combos/s", "XLA MiB", "RSS growth MiB"], rows), ""]
+  return out
+
+
+def _e2e_section(part: dict[str, Any]) -> list[str]:
+  out = ["## 5. End to end (`make run`)", "", _measured(part), ""]
+  if not part.get("found"):
+    return out + [part.get("note", "not measured"), ""]
+  stages = part["stages"]
+  out += [f"Stage wall times from `{part['workdir']}/timings.json` (written "
+          f"{part.get('timings_mtime')}; config {part.get('config')}"
+          + ("" if part.get("complete", True) else
+             "; **partial: some seeds were resumed from earlier results**") + ")"
+          + (f"; run by `{part['ran']['command']}` in {_f(part['ran']['wall_s'])} s wall"
+             if part.get("ran") else "") + ":", ""]
+  rows = [[name, _f(s), _f(s / 60, 2)] for name, s in stages.items()]
+  out += [_table(["stage", "seconds", "minutes"], rows), ""]
+  return out
+
+
+def _analysis(results: dict[str, Any]) -> list[str]:
+  """Paragraphs computed from the numbers: what explains each missed target."""
+  parts = results.get("parts", {})
+  out = ["## What bounds the results", ""]
+  scaling_part = parts.get("scaling", {}).get("sweeps", {})
+  chunk_pts = scaling_part.get("chunk", [])
+  c_pts = scaling_part.get("num_combinations", [])
+  for n in sorted({p["examples"] for p in chunk_pts}):
+    pts = [p for p in chunk_pts if p["examples"] == n]
+    best = max(pts, key=lambda p: p["combos_per_s"])
+    worst = min(pts, key=lambda p: p["combos_per_s"])
+    line = (f"- **Chunk size ({n} examples, C = {pts[0]['num_combinations']}).** Over chunks "
+            f"{[p['chunk'] for p in pts]} the scorer runs {_f(worst['combos_per_s'])}–"
+            f"{_f(best['combos_per_s'])} combos/s, best at chunk {best['chunk']}, worst at "
+            f"{worst['chunk']} (XLA temps {_mib(best['xla_temp_bytes'])} vs "
+            f"{_mib(worst['xla_temp_bytes'])} MiB).")
+    if best["chunk"] < worst["chunk"]:
+      line += (" Vmapping more combinations together does not make the matmuls faster on this "
+               "CPU; it makes every intermediate (activations, logits, log-softmax) larger than "
+               "the caches.")
+    out.append(line)
+  default_pts = {p["num_combinations"]: p for p in c_pts if p["chunk_setting"] == "default plan"}
+  rule_pts = {p["num_combinations"]: p for p in c_pts if p["chunk_setting"] == "chunk rule"}
+  common_c = sorted(set(default_pts) & set(rule_pts))
+  if common_c:
+    slower = [c for c in common_c
+              if default_pts[c]["combos_per_s"] < rule_pts[c]["combos_per_s"]]
+    line = ("- **Default plan vs the chunk rule**: " + "; ".join(
+        f"C = {c}: chunk {default_pts[c]['chunk']} → {_f(default_pts[c]['combos_per_s'])} "
+        f"combos/s, chunk {rule_pts[c]['chunk']} → {_f(rule_pts[c]['combos_per_s'])}"
+        for c in common_c) + ".")
+    if len(slower) * 2 > len(common_c):
+      line += (" `make_plan` (`lora_limits/recycle/evaluate.py`) takes the largest chunk the "
+               "memory budget allows; the budget should cap the chunk, not choose it (a chunk "
+               f"of about {parts.get('scoring', {}).get('chunk_tokens', 2048)} tokens is the "
+               "rule used here).")
+    out.append(line)
+  util = parts.get("utilisation", {})
+  mm = util.get("matmul", {})
+  loops = parts.get("scoring", {}).get("loops", [])
+  few = [lp for lp in loops if lp["examples"] == min((x["examples"] for x in loops), default=0)]
+  if few and mm.get("dispatch_us"):
+    per = [1e6 / lp["jax_loop"]["combos_per_s"] for lp in few]
+    share = mm["dispatch_us"] / min(per)
+    line = (f"- **Dispatch.** A jitted call costs {_f(mm['dispatch_us'])} µs to dispatch; one "
+            f"few-shot combination takes {_f(min(per))}–{_f(max(per))} µs in the jitted loop, "
+            f"so dispatch is at most {_pct(share)} of the loop's time.")
+    if share < 0.2:
+      line += (" The loop is compute-bound already: one compiled call can beat it only by "
+               "doing each combination's arithmetic faster, which batching combinations does "
+               "not (chunk sweep above). The 5× and 20× few-shot targets assume a per-call "
+               "overhead that asynchronous dispatch of one jitted function does not have here.")
+    out.append(line)
+  for p in util.get("scoring", []):
+    f = p["flops_per_combination_analytic"]
+    if f.get("dense"):
+      faster = p["dense_map"]["combos_per_s"] > p["ours_chunk"]["combos_per_s"]
+      out.append(
+          f"- **Route ({p['examples']} examples, K = {p['num_adapters']}).** Scoring a "
+          f"combination on the unmerged mixing route (what `score_combinations(method='mix')` "
+          f"always does) costs {_x(f['mix'] / f['dense'])} the matmul FLOPs of merging "
+          "W + Σ_k w_k ΔW_k and running the plain forward; measured: dense_map "
+          f"{_f(p['dense_map']['combos_per_s'])} vs ours_chunk "
+          f"{_f(p['ours_chunk']['combos_per_s'])} combos/s, so the "
+          + ("merged route is faster here." if faster else "mixing route is faster here."))
+  shapes = mm.get("model_shapes", {})
+  if shapes and mm.get("peak_gflops"):
+    d = util.get("sizes", {}).get("model", {}).get("d_model")
+    out.append(
+        f"- **Narrow matmuls.** The utilisation model's matmul shapes (d = {d}) run at "
+        f"{_f(min(shapes.values()))}–{_f(max(shapes.values()))} GFLOP/s on their own, against "
+        f"a square peak of {_f(mm['peak_gflops'])}; a forward interleaves them with attention, "
+        "softmax, norms and the loss, which run far below peak.")
+  for name, m in parts.get("training", {}).get("models", {}).items():
+    r = m["ratios"]
+    xla = _div(m["ours_lora"].get("flops_xla"), m["ours_full"].get("flops_xla"))
+    out.append(
+        f"- **LoRA vs full ({name}).** A LoRA step takes {_x(r['ours_lora_step/ours_full_step'])} "
+        f"the time of a full step; by matmul count the ideal is "
+        f"{_x(r['ideal_lora/full_flops'])} and XLA counts {_x(xla)}: no weight gradient is "
+        "formed for frozen kernels (the step differentiates only the adapter), but the input "
+        "gradients, attention, the (tied, frozen) lm head and all element-wise work remain.")
+  if len(out) == 2:
+    out.append("(nothing measured yet)")
+  return out + [""]
+
+
+def render(results: dict[str, Any], figures_dir: pathlib.Path, markdown_path: pathlib.Path) -> str:
+  """The whole BENCHMARKS.md."""
+  def rel(name: str) -> str:
+    return os.path.relpath(figures_dir / name, markdown_path.parent)
+
+  parts = results.get("parts", {})
+  out = ["# Benchmarks", "",
+         "Generated by `bench/run.py` from `" + os.path.relpath(
+             figures_dir.parent / "results.json", markdown_path.parent)
+         + "`; do not edit by hand. Regenerate with `make bench` (all parts, ~15 min) or "
+         "`python -m bench.run --parts=<part>` (one part, merged into the existing results). "
+         "Benchmarks are not tests: `make test` only checks that the harness runs "
+         "(`tests/test_bench_smoke.py`).", "",
+         f"Command: `{results.get('command')}` (mode {results.get('mode')}). Machine:", "",
+         _machine(results), "",
+         "Every part below states its own date, command and system load: this machine's two "
+         "cores may be shared, and ratios are only meaningful between contenders measured in "
+         "the same part (±7 % run-to-run noise when idle; more under load).", "",
+         "## Targets", ""]
+  rows = [[t["target"], t["ours"] or "not measured", _met(t["met"]), t["ours_chunk"] or "—",
+           _met(t["met_chunk"]), t["source"]] for t in results.get("targets", [])]
+  out += [_table(["target", "measured (ours as shipped)", "", "with chunk_size by the rule", "",
+                  "from"], rows), ""]
+  out += _analysis(results)
+  if "scoring" in parts:
+    out += _scoring_section(parts["scoring"], rel)
+  if "training" in parts:
+    out += _training_section(parts["training"], rel)
+  if "utilisation" in parts:
+    out += _utilisation_section(parts["utilisation"])
+  if "scaling" in parts:
+    out += _scaling_section(parts["scaling"], rel)
+  if "e2e" in parts:
+    out += _e2e_section(parts["e2e"])
+  return "\n".join(line for line in out) + "\n"

@@ -1,0 +1,248 @@
+"""`python -m bench.run` (what `make bench` runs): every benchmark part, results.json and
+BENCHMARKS.md.
+
+  python -m bench.run                                   # full: bench/results.json, BENCHMARKS.md
+  python -m bench.run --mode=quick                      # ~1 minute, into runs/bench-quick/
+  python -m bench.run --parts=scoring,training          # rerun some parts, keep the others
+  python -m bench.run --render_only                     # BENCHMARKS.md from results.json
+  python -m bench.run --parts=e2e --e2e_run             # time `make run`'s pipeline once
+
+Parts: scoring (three contenders on identical weights; memory budget check), training
+(our LoRA step vs torch + PEFT, LoRA vs full), utilisation (matmul peak vs achieved FLOP/s),
+scaling (time and memory vs C, K, rank, examples, width, chunk), e2e (`make run` wall time by
+stage, read from <e2e_workdir>/timings.json). A rerun of some parts merges into an existing
+results file of the same mode. Benchmarks are not tests: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from bench import common  # noqa: E402
+from bench import report  # noqa: E402
+from bench import scaling  # noqa: E402
+from bench import scoring  # noqa: E402
+from bench import training  # noqa: E402
+from bench import utilisation  # noqa: E402
+from lora_limits.models import transformer  # noqa: E402
+
+PARTS = ("scoring", "training", "utilisation", "scaling", "e2e")
+MODES = ("full", "quick", "tiny")
+E2E_CONFIG = "configs/two_hop.py"
+_TINY_MODEL = transformer.ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=48,
+                                      max_len=16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What to run and where to write it (defaults: the full benchmark into the repository)."""
+
+  parts: tuple[str, ...] = PARTS
+  mode: str = "full"
+  out_dir: pathlib.Path | None = None  # results.json and figures/; default by mode
+  markdown: pathlib.Path | None = None  # default by mode
+  scratch: pathlib.Path | None = None  # exported checkpoints (a temporary dir if None)
+  e2e_workdir: pathlib.Path = common.REPO / "runs" / "default"
+  e2e_run: bool = False  # run the pipeline when e2e_workdir has no timings.json
+  e2e_config: str = E2E_CONFIG
+  command: str = "python -m bench.run"
+  render_only: bool = False
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"mode={self.mode!r} is not one of {list(MODES)}")
+    bad = [p for p in self.parts if p not in PARTS]
+    if bad or not self.parts:
+      raise ValueError(f"parts {bad or list(self.parts)} are not among {list(PARTS)}")
+
+  @property
+  def results_dir(self) -> pathlib.Path:
+    if self.out_dir is not None:
+      return pathlib.Path(self.out_dir)
+    return common.REPO / ("bench" if self.mode == "full" else f"runs/bench-{self.mode}")
+
+  @property
+  def markdown_path(self) -> pathlib.Path:
+    if self.markdown is not None:
+      return pathlib.Path(self.markdown)
+    return (common.REPO / "BENCHMARKS.md" if self.mode == "full"
+            else self.results_dir / "BENCHMARKS.md")
+
+
+def sizes_for(mode: str) -> dict[str, Any]:
+  """The sizes of every part in `mode`: full (~15 min), quick (~1 min), tiny (tests)."""
+  if mode == "full":
+    return {"scoring": scoring.ScoringSizes(), "training": training.TrainingSizes(),
+            "utilisation": utilisation.UtilisationSizes(), "scaling": scaling.ScalingSizes()}
+  if mode == "quick":
+    default = transformer.ModelConfig()
+    return {
+        "scoring": scoring.ScoringSizes(num_adapters=(4,), combinations=((64,), (16,)),
+                                        loop_tokens=4096, repeats=2, budget_s=1.0,
+                                        memory_combinations=(64, 65536)),
+        "training": training.TrainingSizes(models=(("default", default),), steps=3,
+                                           repeats=2, check_steps=2),
+        "utilisation": utilisation.UtilisationSizes(
+            square=(1024,), train_models=(("default", default),), scoring_points=((8, 64),),
+            train_steps=3, repeats=2),
+        "scaling": scaling.ScalingSizes(num_combinations=(16, 256), num_adapters=(2, 8),
+                                        rank=(8,), examples=(8,), d_model=(128,),
+                                        chunk=(1, 64), chunk_points=((8, 64),), repeats=1,
+                                        budget_s=1.0)}
+  tiny = dict(model=_TINY_MODEL, seq_len=8)
+  return {
+      "scoring": scoring.ScoringSizes(**tiny, rank=2, num_adapters=(2,), examples=(2, 4),
+                                      combinations=((4,), (4,)), loop_tokens=32, repeats=1,
+                                      budget_s=0.5, memory_combinations=(4096,),
+                                      memory_budgets=(2**20,)),
+      "training": training.TrainingSizes(models=(("tiny", _TINY_MODEL),), batch_size=4,
+                                         seq_len=8, rank=2, steps=1, repeats=1, check_steps=2),
+      "utilisation": utilisation.UtilisationSizes(
+          square=(64,), model=_TINY_MODEL, train_models=(("tiny", _TINY_MODEL),),
+          batch_size=4, seq_len=8, rank=2, num_adapters=2, scoring_points=((2, 4),),
+          train_steps=1, repeats=1),
+      "scaling": scaling.ScalingSizes(**tiny, num_combinations=(4,), num_adapters=(2,),
+                                      rank=(2,), examples=(2,), d_model=(32,), chunk=(1, 4),
+                                      chunk_points=((2, 4),),
+                                      base=(("num_combinations", 4), ("num_adapters", 2),
+                                            ("rank", 2), ("examples", 2), ("d_model", 32)),
+                                      repeats=1, budget_s=0.5)}
+
+
+def log(message: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def e2e(options: Options) -> dict[str, Any]:
+  """Stage timings of the default pipeline, from <e2e_workdir>/timings.json (run once if
+  asked and missing)."""
+  workdir = pathlib.Path(options.e2e_workdir)
+  path = workdir / "timings.json"
+  ran = None
+  if not path.exists() and options.e2e_run:
+    command = [sys.executable, "-m", "experiments.run", f"--config={options.e2e_config}",
+               f"--workdir={workdir}"]
+    log(f"e2e: running {' '.join(command)}")
+    start = time.time()
+    subprocess.run(command, cwd=common.REPO, check=True)
+    ran = {"command": " ".join(shlex.quote(c) for c in command[1:]),
+           "wall_s": time.time() - start}
+  if not path.exists():
+    return {"workdir": str(workdir), "found": False,
+            "note": f"no {path}; run `make run` (or pass --e2e_run) first"}
+  timings = json.loads(path.read_text())
+  out: dict[str, Any] = {"workdir": str(workdir), "found": True, "stages": timings,
+                         "timings_mtime": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(
+                             path.stat().st_mtime))}
+  config_path = workdir / "config.json"
+  if config_path.exists():
+    config = json.loads(config_path.read_text())
+    seeds = config.get("seeds") or []
+    out["config"] = {k: config.get(k) for k in ("study", "task", "seeds") if k in config}
+    stages = [s for s in timings if s != "total"]
+    out["complete"] = all(any(s.startswith(f"seed {seed}:") for s in stages) for seed in seeds)
+  if ran is not None:
+    out["ran"] = ran
+  return out
+
+
+def _load(path: pathlib.Path, mode: str) -> dict[str, Any]:
+  if path.exists():
+    old = json.loads(path.read_text())
+    if old.get("mode") == mode:
+      return old
+  return {"mode": mode, "parts": {}}
+
+
+def run(options: Options) -> dict[str, Any]:
+  """Run the selected parts, merge them into the results file, write it and the markdown."""
+  results_path = options.results_dir / "results.json"
+  figures = options.results_dir / "figures"
+  results = _load(results_path, options.mode)
+  if not options.render_only:
+    sizes = sizes_for(options.mode)
+    results["machine"] = common.machine_info()
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+      scratch = pathlib.Path(options.scratch or tmp)
+      for part in options.parts:
+        before, start = common.load_average(), time.time()
+        log(f"part {part}: start (load average {before})")
+        if part == "scoring":
+          out = scoring.run(sizes["scoring"], scratch / "scoring", log)
+          out["memory_check"] = scoring.memory_check(sizes["scoring"], scratch / "memory",
+                                                     log=log)
+        elif part == "training":
+          out = training.run(sizes["training"], scratch / "training", log)
+        elif part == "utilisation":
+          out = utilisation.run(sizes["utilisation"], scratch / "utilisation", log)
+        elif part == "scaling":
+          out = scaling.run(sizes["scaling"], log)
+        else:
+          out = e2e(options)
+        out["measured"] = {"date_utc": common.machine_info()["date_utc"],
+                           "load_before": before, "load_after": common.load_average(),
+                           "seconds": time.time() - start, "command": options.command,
+                           "git_commit": results["machine"]["git_commit"]}
+        results["parts"][part] = out
+        log(f"part {part}: done in {time.time() - start:.0f}s")
+  results["command"] = options.command
+  results["targets"] = report.targets(results)
+  results = common.round_floats(results)
+  results_path.parent.mkdir(parents=True, exist_ok=True)
+  results_path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+  report.figures(results, figures)
+  markdown = report.render(results, figures, options.markdown_path)
+  options.markdown_path.parent.mkdir(parents=True, exist_ok=True)
+  options.markdown_path.write_text(markdown)
+  log(f"wrote {results_path} and {options.markdown_path}")
+  return results
+
+
+def main(argv: list[str] | None = None) -> None:
+  import argparse
+  parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--parts", default=",".join(PARTS),
+                      help=f"comma-separated subset of {','.join(PARTS)}")
+  parser.add_argument("--mode", default="full", choices=MODES)
+  parser.add_argument("--quick", action="store_true", help="same as --mode=quick")
+  parser.add_argument("--out_dir", default=None, help="results.json + figures/ directory")
+  parser.add_argument("--markdown", default=None, help="the BENCHMARKS.md to write")
+  parser.add_argument("--scratch", default=None, help="directory for exported checkpoints")
+  parser.add_argument("--e2e_workdir", default=str(common.REPO / "runs" / "default"))
+  parser.add_argument("--e2e_run", action="store_true",
+                      help="run the pipeline if e2e_workdir has no timings.json")
+  parser.add_argument("--e2e_config", default=E2E_CONFIG)
+  parser.add_argument("--render_only", action="store_true")
+  args = parser.parse_args(argv)
+  command = "python -m bench.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+  parts = tuple(p for p in args.parts.split(",") if p)
+  options = Options(parts=parts, mode="quick" if args.quick else args.mode,
+                    out_dir=pathlib.Path(args.out_dir) if args.out_dir else None,
+                    markdown=pathlib.Path(args.markdown) if args.markdown else None,
+                    scratch=pathlib.Path(args.scratch) if args.scratch else None,
+                    e2e_workdir=pathlib.Path(args.e2e_workdir), e2e_run=args.e2e_run,
+                    e2e_config=args.e2e_config, command=command.strip(),
+                    render_only=args.render_only)
+  try:
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+  except ImportError:
+    pass
+  run(options)
+
+
+if __name__ == "__main__":
+  main()
