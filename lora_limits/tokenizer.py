@@ -112,7 +112,20 @@ def check_round_trip(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str]) -
 
 
 def _prefix(tokenizer: PreTrainedTokenizerFast, add_bos: bool) -> list[int]:
-  return [tokenizer.bos_token_id] if add_bos else []
+  """[bos] when asked for and the tokenizer has one (some checkpoints, e.g. Qwen2, have none)."""
+  return [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+
+
+def prompt_ids(tokenizer, prompt: str, add_bos: bool = True) -> list[int]:
+  """Token ids of a question: through the tokenizer's chat template when it has one (the
+  instruction-tuned checkpoints the paper uses), else [bos] + the words."""
+  if getattr(tokenizer, "chat_template", None):
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                        add_generation_prompt=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+      ids = ids["input_ids"]
+    return [int(i) for i in ids]
+  return _prefix(tokenizer, add_bos) + encode_text(tokenizer, prompt)
 
 
 def encode_examples(tokenizer: PreTrainedTokenizerFast, examples: Sequence[common.Example],
@@ -120,8 +133,7 @@ def encode_examples(tokenizer: PreTrainedTokenizerFast, examples: Sequence[commo
   """Question → answer rows: [bos] prompt answer [eos], right-padded (see `data.encode`)."""
   if not examples:
     raise ValueError("encode_examples got no examples")
-  pre = _prefix(tokenizer, add_bos)
-  pairs = [(pre + encode_text(tokenizer, e.prompt), encode_text(tokenizer, e.answer))
+  pairs = [(prompt_ids(tokenizer, e.prompt, add_bos), encode_text(tokenizer, e.answer))
            for e in examples]
   return data_lib.encode(pairs, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                          max_len=max_len)

@@ -122,3 +122,14 @@ def test_runs_on_a_hugging_face_checkpoint(tmp_path):
   records = common.read_jsonl(results)
   assert {(r["library"], r["method"]) for r in records} >= {("none", "base"), ("two", "sum")}
   assert not (tmp_path / "work" / "cache" / "base").exists()  # no pretraining happened
+
+
+def test_prompts_go_through_a_chat_template_when_the_tokenizer_has_one():
+  tok = tok_lib.build(["who is the spouse of ka ro ? mi"])
+  plain = tok_lib.prompt_ids(tok, "who is the spouse of ka ro ?")
+  assert plain[0] == tok.bos_token_id and len(plain) == 9
+  tok.chat_template = "{% for m in messages %}<s> {{ m['content'] }} ?{% endfor %}"
+  templated = tok_lib.prompt_ids(tok, "who is the spouse of ka ro")
+  assert templated == plain
+  rows = tok_lib.encode_examples(tok, [pipeline.task_common.Example("who is the spouse of ka ro", "mi")])
+  assert list(rows["tokens"][0][:9]) == plain
