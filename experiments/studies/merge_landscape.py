@@ -54,6 +54,15 @@ class ModelSettings:
   n_heads: int = 4
   d_ff: int = 128
 
+  def __post_init__(self):
+    for name in ("d_model", "n_layers", "n_heads", "d_ff"):
+      v = getattr(self, name)
+      if v <= 0:
+        raise ValueError(f"model.{name} must be > 0, got {v!r}")
+    if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+      raise ValueError(f"model.d_model={self.d_model} must be a multiple of model.n_heads="
+                       f"{self.n_heads} with an even head size (rotary positions)")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
@@ -123,6 +132,12 @@ class LandscapeStudy:
         raise ValueError(f"config.methods has {m!r}; allowed: {valid}")
     if not self.methods:
       raise ValueError("config.methods must name at least one method")
+    if not self.metrics:
+      raise ValueError(f"config.metrics must name at least one of {list(eval_lib.METRICS)}")
+    if self.train.rank > min(self.model.d_model, self.model.d_ff):
+      raise ValueError(f"train.rank={self.train.rank} exceeds the smallest adapted kernel "
+                       f"dimension min(model.d_model, model.d_ff)="
+                       f"{min(self.model.d_model, self.model.d_ff)}")
     for m in self.metrics:
       if m not in eval_lib.METRICS:
         raise ValueError(f"config.metrics has {m!r}; allowed: {list(eval_lib.METRICS)}")
