@@ -36,8 +36,11 @@ class Checkpointer:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
     self.directory = pathlib.Path(directory).absolute()
     self.directory.mkdir(parents=True, exist_ok=True)
+    # cleanup_tmp_directories: a process killed mid-save leaves `<step>.orbax-checkpoint-tmp-*`;
+    # it is never restored, and is removed when the directory is next opened.
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=False)
+                                           enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
