@@ -108,7 +108,8 @@ def init(key: jax.Array, params: Mapping[str, Any], spec: LoraSpec) -> Adapter:
 
 
 def check_compatible(params: Mapping[str, Any], adapter: Mapping[str, LoraFactors]):
-  """Raise ValueError naming the path if the adapter does not fit the params."""
+  """Raise ValueError naming the path if the adapter does not fit the params (path, shape,
+  dtype)."""
   flat = tree_lib.flatten(params)
   for path, f in adapter.items():
     if path not in flat:
@@ -121,6 +122,11 @@ def check_compatible(params: Mapping[str, Any], adapter: Mapping[str, LoraFactor
       raise ValueError(
           f"adapter at {path!r} has a {tuple(f.a.shape)} and b {tuple(f.b.shape)}, which do not "
           f"fit the kernel {d_in}x{d_out}")
+    if f.a.dtype != kernel.dtype or f.b.dtype != kernel.dtype:
+      # The forward would silently cast the factors to the activations' dtype.
+      raise ValueError(
+          f"adapter at {path!r} has dtype a {f.a.dtype}, b {f.b.dtype}; the kernel is "
+          f"{kernel.dtype} (cast the adapter: jax.tree.map(lambda x: x.astype(...), adapter))")
 
 
 def delta(adapter: Mapping[str, LoraFactors]) -> dict[str, jax.Array]:
