@@ -34,7 +34,9 @@ def _x(x: float | None) -> str:
 
 
 def _pct(x: float | None) -> str:
-  return "—" if x is None else f"{100 * x:.0f}%"
+  if x is None:
+    return "—"
+  return f"{100 * x:.0f}%" if abs(x) >= 0.1 else f"{100 * x:.2g}%"
 
 
 def _mib(x: float | None) -> str:
@@ -70,14 +72,15 @@ def _regimes(cells: list[dict]) -> tuple[int | None, int | None]:
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-  """The issue's targets: what was measured ('ours' as shipped, and with chunk_size set by
-  the rule), and whether each is met (None: not measured in this run)."""
+  """The issue's targets: what was measured for ours (`score_combinations` as shipped) and,
+  for scoring, for the bench's merged-route prototype (dense_map); whether each is met (None:
+  not measured in this run)."""
   parts = results.get("parts", {})
   out = []
 
-  def add(name, shipped, shipped_ok, chunked=None, chunked_ok=None, source=""):
-    out.append({"target": name, "ours": shipped, "met": shipped_ok, "ours_chunk": chunked,
-                "met_chunk": chunked_ok, "source": source})
+  def add(name, shipped, shipped_ok, proto=None, proto_ok=None, source=""):
+    out.append({"target": name, "ours": shipped, "met": shipped_ok, "dense_map": proto,
+                "met_dense_map": proto_ok, "source": source})
 
   cells = parts.get("scoring", {}).get("cells", [])
   few, heavy = _regimes(cells)
@@ -88,8 +91,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
       add(name, None, None, source="scoring")
       return
     mine = [c["ratios"][f"ours/{key[1]}"] for c in sel]
-    chunk = [c["ratios"][f"ours_chunk/{key[1]}"] for c in sel]
-    add(name, _range(mine), min(mine) >= threshold, _range(chunk), min(chunk) >= threshold,
+    proto = [c["ratios"][f"dense_map/{key[1]}"] for c in sel]
+    add(name, _range(mine), min(mine) >= threshold, _range(proto), min(proto) >= threshold,
         f"scoring, {examples} examples, {len(sel)} cells (K × C)")
 
   ratio_target("few-shot scoring ≥ 20× the PEFT loop", few, ("ours", "peft"), 20.0)
@@ -104,9 +107,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     add("compute-bound scoring ≥ 60% of the matmul peak",
         f"{_pct(p['ours']['fraction_of_peak'])} ({_f(p['ours']['gflops_per_s'])} GFLOP/s)",
         p["ours"]["fraction_of_peak"] >= 0.6,
-        f"{_pct(p['ours_chunk']['fraction_of_peak'])} "
-        f"({_f(p['ours_chunk']['gflops_per_s'])} GFLOP/s)",
-        p["ours_chunk"]["fraction_of_peak"] >= 0.6,
+        f"{_pct(p['dense_map']['fraction_of_peak'])} "
+        f"({_f(p['dense_map']['gflops_per_s'])} GFLOP/s)",
+        p["dense_map"]["fraction_of_peak"] >= 0.6,
         f"utilisation, {p['examples']} examples, C = {p['num_combinations']}, analytic FLOPs")
   else:
     add("compute-bound scoring ≥ 60% of the matmul peak", None, None, source="utilisation")
@@ -158,7 +161,7 @@ def figures(results: dict[str, Any], directory: pathlib.Path) -> list[pathlib.Pa
   if cells:
     examples = sorted({c["examples"] for c in cells})
     fig, axes = plt.subplots(1, len(examples), figsize=(6.5 * len(examples), 4.2), squeeze=False)
-    names = ("ours", "ours_chunk", "dense_map", "jax_loop", "peft")
+    names = ("ours", "dense_map", "jax_loop", "peft")
     for ax, n in zip(axes[0], examples):
       sel = [c for c in cells if c["examples"] == n]
       labels = [f"K={c['num_adapters']}\nC={c['num_combinations']}" for c in sel]
@@ -236,9 +239,9 @@ def _scoring_section(part: dict[str, Any], rel) -> list[str]:
       "per sequence; metric: teacher-forced mean NLL of the answer half. Weights are random, "
       "written with `export_checkpoint` / `save_adapter` and read back by both frameworks. "
       "Contenders: **ours** = `score_combinations(method='mix')` as shipped (one compiled "
-      "call, default memory-budget plan); **ours_chunk** = the same call with `chunk_size` "
-      f"set so a chunk holds ≈{part.get('chunk_tokens')} tokens; **dense_map** = a bench-side "
-      "prototype (one compiled `lax.map` of merge-then-forward, not in the library); "
+      "call, its default plan: the unmerged mixing route, the chunk from the memory budget "
+      "and working-set target); **dense_map** = a bench-side prototype, not in the library "
+      "(one compiled `lax.map` of merge-then-forward with ours' chunk); "
       "**jax_loop** = a Python loop dispatching one jitted merge-then-forward call per "
       "combination (asynchronously, one block at the end); **peft** = `add_weighted_adapter"
       "(..., 'cat')` + `set_adapter` + no-grad forward + `delete_adapter` per combination. "
@@ -255,20 +258,16 @@ def _scoring_section(part: dict[str, Any], rel) -> list[str]:
     for c in sel:
       r = c["ratios"]
       rows.append([
-          c["num_adapters"], c["num_combinations"], _f(c["ours"]["combos_per_s"]),
-          f"{_f(c['ours_chunk']['combos_per_s'])} ({c['ours_chunk']['chunk']})",
-          _f(c["dense_map"]["combos_per_s"]),
+          c["num_adapters"], c["num_combinations"], c["ours"]["chunk"],
+          _f(c["ours"]["combos_per_s"]), _f(c["dense_map"]["combos_per_s"]),
           _f(c.get("jax_loop", {}).get("combos_per_s")), _f(c.get("peft", {}).get("combos_per_s")),
-          _x(r.get("ours/jax_loop")), _x(r.get("ours/peft")), _x(r.get("ours_chunk/jax_loop")),
-          _x(r.get("ours_chunk/peft")), _x(r.get("dense_map/jax_loop")),
-          f"{_mib(c['ours']['xla_temp_bytes'] + c['ours']['xla_argument_bytes'])} "
-          f"({c['ours']['chunk']})",
-          _mib(c["ours_chunk"]["xla_temp_bytes"] + c["ours_chunk"]["xla_argument_bytes"]),
-          _mib(c["ours"]["rss_growth_bytes"])])
-    out += [_table(["K", "C", "ours", "ours_chunk (chunk)", "dense_map", "jax_loop", "peft",
-                    "ours/loop", "ours/peft", "chunk/loop", "chunk/peft", "dense_map/loop",
-                    "ours XLA MiB (chunk)", "ours_chunk XLA MiB", "ours RSS growth MiB"],
-                   rows), ""]
+          _x(r.get("ours/jax_loop")), _x(r.get("ours/peft")), _x(r.get("dense_map/jax_loop")),
+          _x(r.get("dense_map/peft")),
+          _mib(c["ours"]["xla_temp_bytes"] + c["ours"]["xla_argument_bytes"]),
+          _mib(c["ours"]["rss_growth_bytes"]), _mib(c["dense_map"]["rss_growth_bytes"])])
+    out += [_table(["K", "C", "chunk", "ours", "dense_map", "jax_loop", "peft", "ours/loop",
+                    "ours/peft", "dense_map/loop", "dense_map/peft", "ours XLA MiB",
+                    "ours RSS growth MiB", "dense_map RSS growth MiB"], rows), ""]
   loops = part.get("loops", [])
   if loops:
     out += [f"Agreement of the three contenders on the loops' combinations (max |Δ loss| "
@@ -287,7 +286,7 @@ def _scoring_section(part: dict[str, Any], rel) -> list[str]:
                     "jax_loop RSS growth MiB", "peft RSS growth MiB"], rows), ""]
     worst_cell = max((c["agreement"]["max_abs_diff"] for c in cells), default=None)
     if worst_cell is not None:
-      out += [f"Within every cell, ours_chunk and dense_map reproduce ours to max |Δ loss| "
+      out += [f"Within every cell, dense_map reproduces ours to max |Δ loss| "
               f"{_f(worst_cell, 2)}.", ""]
   checks = part.get("memory_check", [])
   if checks:
@@ -345,14 +344,17 @@ def _div(a, b):
 def _utilisation_section(part: dict[str, Any]) -> list[str]:
   out = ["## 3. Utilisation", "", _measured(part), ""]
   mm = part.get("matmul", {})
-  rows = [[f"{n}×{n}", _f(e.get("jax")), _f(e.get("numpy")), _f(e.get("torch"))]
+  def rate(e):
+    return f"{_f(e['best'])} ({_f(e['median'])})" if e else "—"
+
+  rows = [[f"{n}×{n}", rate(e.get("jax")), rate(e.get("numpy")), rate(e.get("torch"))]
           for n, e in mm.get("square", {}).items()]
-  out += ["Float32 matmul GFLOP/s (median; 2n³ FLOPs):", "",
-          _table(["square", "JAX", "NumPy", "torch"], rows), "",
-          f"Peak used below: **{_f(mm.get('peak_gflops'))} GFLOP/s** (best JAX square). "
-          "The default model's own matmul shapes (batch 64 × 32 tokens) run at: "
-          + ", ".join(f"{k} {_f(v)}" for k, v in mm.get("model_shapes", {}).items())
-          + f" GFLOP/s. A jitted call costs {_f(mm.get('dispatch_us'))} µs to dispatch.", ""]
+  rows += [[f"model shape {k}", rate(e), "", ""] for k, e in mm.get("model_shapes", {}).items()]
+  out += ["Float32 matmul GFLOP/s, best (median) of the repeats; 2mkn FLOPs; 'model shape' rows "
+          "are the utilisation model's own matmuls, [tokens × d_in] × [d_in × d_out]:", "",
+          _table(["matmul", "JAX", "NumPy", "torch"], rows), "",
+          f"Peak used below: **{_f(mm.get('peak_gflops'))} GFLOP/s** (the best JAX square). "
+          f"A jitted call costs {_f(mm.get('dispatch_us'))} µs to dispatch.", ""]
   rows = []
   for name, kinds in part.get("train", {}).items():
     for kind, e in kinds.items():
@@ -365,7 +367,7 @@ def _utilisation_section(part: dict[str, Any]) -> list[str]:
                   "of peak", "GFLOP/s XLA", "of peak"], rows), ""]
   rows = []
   for p in part.get("scoring", []):
-    for name in ("ours", "ours_chunk", "dense_map", "jax_loop"):
+    for name in ("ours", "dense_map", "jax_loop"):
       e = p[name]
       rows.append([p["examples"], p["num_combinations"], name, e["route"],
                    _f(p["flops_per_combination_analytic"][e["route"]] / 1e9),
@@ -389,18 +391,19 @@ def _scaling_section(part: dict[str, Any], rel) -> list[str]:
   base = dict(part.get("sizes", {}).get("base", []))
   out = ["## 4. Scaling of our scorer", "", _measured(part), "",
          "One dimension at a time around " + ", ".join(f"{k} = {v}" for k, v in base.items())
-         + ", with `chunk_size` by the rule (and the default plan for C; the chunk sweep at "
-         "two (examples, C) points). Memory: XLA arguments + temps of the compiled plan.", "",
+         + ", each with the default plan, except the chunk sweep, which fixes `chunk_size` at "
+         "each (examples, C) point to check the plan's choice. Memory: XLA arguments + temps "
+         "of the compiled plan; the resident-set growth during the timed calls.", "",
          f"![scaling]({rel('scaling.png')})", ""]
   rows = []
   for dim, points in part.get("sweeps", {}).items():
     for p in points:
       rows.append([dim, p["chunk"] if dim == "chunk" else p[dim], p["examples"],
-                   p["num_combinations"], p["chunk_setting"], p["chunk"],
+                   p["num_combinations"], p["chunk"], p["plan_chunk"],
                    _f(p["seconds"]["median_s"] * 1e3), _f(p["combos_per_s"]),
                    _mib(p["xla_argument_bytes"] + p["xla_temp_bytes"]),
                    _mib(p["rss_growth_bytes"])])
-  out += [_table(["sweep", "value", "examples", "C", "chunk setting", "chunk", "ms/call",
+  out += [_table(["sweep", "value", "examples", "C", "chunk", "plan's chunk", "ms/call",
                   "combos/s", "XLA MiB", "RSS growth MiB"], rows), ""]
   return out
 
@@ -427,36 +430,23 @@ def _analysis(results: dict[str, Any]) -> list[str]:
   out = ["## What bounds the results", ""]
   scaling_part = parts.get("scaling", {}).get("sweeps", {})
   chunk_pts = scaling_part.get("chunk", [])
-  c_pts = scaling_part.get("num_combinations", [])
   for n in sorted({p["examples"] for p in chunk_pts}):
     pts = [p for p in chunk_pts if p["examples"] == n]
     best = max(pts, key=lambda p: p["combos_per_s"])
     worst = min(pts, key=lambda p: p["combos_per_s"])
+    planned = [p for p in pts if p["chunk"] == p["plan_chunk"]]
     line = (f"- **Chunk size ({n} examples, C = {pts[0]['num_combinations']}).** Over chunks "
             f"{[p['chunk'] for p in pts]} the scorer runs {_f(worst['combos_per_s'])}–"
             f"{_f(best['combos_per_s'])} combos/s, best at chunk {best['chunk']}, worst at "
             f"{worst['chunk']} (XLA temps {_mib(best['xla_temp_bytes'])} vs "
-            f"{_mib(worst['xla_temp_bytes'])} MiB).")
+            f"{_mib(worst['xla_temp_bytes'])} MiB). The default plan picks chunk "
+            f"{pts[0]['plan_chunk']}"
+            + (f" ({_pct(planned[0]['combos_per_s'] / best['combos_per_s'])} of the best rate)."
+               if planned else "."))
     if best["chunk"] < worst["chunk"]:
       line += (" Vmapping more combinations together does not make the matmuls faster on this "
                "CPU; it makes every intermediate (activations, logits, log-softmax) larger than "
                "the caches.")
-    out.append(line)
-  default_pts = {p["num_combinations"]: p for p in c_pts if p["chunk_setting"] == "default plan"}
-  rule_pts = {p["num_combinations"]: p for p in c_pts if p["chunk_setting"] == "chunk rule"}
-  common_c = sorted(set(default_pts) & set(rule_pts))
-  if common_c:
-    slower = [c for c in common_c
-              if default_pts[c]["combos_per_s"] < rule_pts[c]["combos_per_s"]]
-    line = ("- **Default plan vs the chunk rule**: " + "; ".join(
-        f"C = {c}: chunk {default_pts[c]['chunk']} → {_f(default_pts[c]['combos_per_s'])} "
-        f"combos/s, chunk {rule_pts[c]['chunk']} → {_f(rule_pts[c]['combos_per_s'])}"
-        for c in common_c) + ".")
-    if len(slower) * 2 > len(common_c):
-      line += (" `make_plan` (`lora_limits/recycle/evaluate.py`) takes the largest chunk the "
-               "memory budget allows; the budget should cap the chunk, not choose it (a chunk "
-               f"of about {parts.get('scoring', {}).get('chunk_tokens', 2048)} tokens is the "
-               "rule used here).")
     out.append(line)
   util = parts.get("utilisation", {})
   mm = util.get("matmul", {})
@@ -477,16 +467,16 @@ def _analysis(results: dict[str, Any]) -> list[str]:
   for p in util.get("scoring", []):
     f = p["flops_per_combination_analytic"]
     if f.get("dense"):
-      faster = p["dense_map"]["combos_per_s"] > p["ours_chunk"]["combos_per_s"]
+      faster = p["dense_map"]["combos_per_s"] > p["ours"]["combos_per_s"]
       out.append(
           f"- **Route ({p['examples']} examples, K = {p['num_adapters']}).** Scoring a "
           f"combination on the unmerged mixing route (what `score_combinations(method='mix')` "
           f"always does) costs {_x(f['mix'] / f['dense'])} the matmul FLOPs of merging "
           "W + Σ_k w_k ΔW_k and running the plain forward; measured: dense_map "
-          f"{_f(p['dense_map']['combos_per_s'])} vs ours_chunk "
-          f"{_f(p['ours_chunk']['combos_per_s'])} combos/s, so the "
+          f"{_f(p['dense_map']['combos_per_s'])} vs ours "
+          f"{_f(p['ours']['combos_per_s'])} combos/s, so the "
           + ("merged route is faster here." if faster else "mixing route is faster here."))
-  shapes = mm.get("model_shapes", {})
+  shapes = {k: v["best"] for k, v in mm.get("model_shapes", {}).items()}
   if shapes and mm.get("peak_gflops"):
     d = util.get("sizes", {}).get("model", {}).get("d_model")
     out.append(
@@ -527,10 +517,10 @@ def render(results: dict[str, Any], figures_dir: pathlib.Path, markdown_path: pa
          "cores may be shared, and ratios are only meaningful between contenders measured in "
          "the same part (±7 % run-to-run noise when idle; more under load).", "",
          "## Targets", ""]
-  rows = [[t["target"], t["ours"] or "not measured", _met(t["met"]), t["ours_chunk"] or "—",
-           _met(t["met_chunk"]), t["source"]] for t in results.get("targets", [])]
-  out += [_table(["target", "measured (ours as shipped)", "", "with chunk_size by the rule", "",
-                  "from"], rows), ""]
+  rows = [[t["target"], t["ours"] or "not measured", _met(t["met"]), t["dense_map"] or "—",
+           _met(t["met_dense_map"]), t["source"]] for t in results.get("targets", [])]
+  out += [_table(["target", "measured (ours, as shipped)", "", "merged-route prototype "
+                  "(dense_map, bench only)", "", "from"], rows), ""]
   out += _analysis(results)
   if "scoring" in parts:
     out += _scoring_section(parts["scoring"], rel)

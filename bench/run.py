@@ -59,6 +59,7 @@ class Options:
   e2e_config: str = E2E_CONFIG
   command: str = "python -m bench.run"
   render_only: bool = False
+  full_grid: bool = False  # full mode: every C also at the largest examples value (+~15 min)
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -81,10 +82,18 @@ class Options:
             else self.results_dir / "BENCHMARKS.md")
 
 
-def sizes_for(mode: str) -> dict[str, Any]:
-  """The sizes of every part in `mode`: full (~15 min), quick (~1 min), tiny (tests)."""
+def sizes_for(mode: str, full_grid: bool = False) -> dict[str, Any]:
+  """The sizes of every part in `mode`: full (~15 min), quick (~1 min), tiny (tests).
+
+  full_grid: in full mode, score every C at 128 examples too (compute-bound cells cost about
+  C / 20 seconds each per contender here; the default stops at C = 64 there, since the rate
+  per combination is flat in C once a chunk is full).
+  """
   if mode == "full":
-    return {"scoring": scoring.ScoringSizes(), "training": training.TrainingSizes(),
+    grid = scoring.ScoringSizes()
+    if full_grid:
+      grid = dataclasses.replace(grid, combinations=(grid.combinations[0],) * 2)
+    return {"scoring": grid, "training": training.TrainingSizes(),
             "utilisation": utilisation.UtilisationSizes(), "scaling": scaling.ScalingSizes()}
   if mode == "quick":
     default = transformer.ModelConfig()
@@ -172,7 +181,7 @@ def run(options: Options) -> dict[str, Any]:
   figures = options.results_dir / "figures"
   results = _load(results_path, options.mode)
   if not options.render_only:
-    sizes = sizes_for(options.mode)
+    sizes = sizes_for(options.mode, options.full_grid)
     results["machine"] = common.machine_info()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
       scratch = pathlib.Path(options.scratch or tmp)
@@ -226,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
                       help="run the pipeline if e2e_workdir has no timings.json")
   parser.add_argument("--e2e_config", default=E2E_CONFIG)
   parser.add_argument("--render_only", action="store_true")
+  parser.add_argument("--full_grid", action="store_true",
+                      help="full mode: every C at 128 examples too (about 15 min more)")
   args = parser.parse_args(argv)
   command = "python -m bench.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
   parts = tuple(p for p in args.parts.split(",") if p)
@@ -235,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
                     scratch=pathlib.Path(args.scratch) if args.scratch else None,
                     e2e_workdir=pathlib.Path(args.e2e_workdir), e2e_run=args.e2e_run,
                     e2e_config=args.e2e_config, command=command.strip(),
-                    render_only=args.render_only)
+                    render_only=args.render_only, full_grid=args.full_grid)
   try:
     import transformers
     transformers.utils.logging.disable_progress_bar()

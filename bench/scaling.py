@@ -1,9 +1,9 @@
 """How our scorer's time and memory grow with C, K, rank, examples, model width and chunk.
 
 One sweep per dimension around a base point (default model, K = 4 rank-8 adapters, C = 64,
-8 examples of 32 tokens). Each point: `score_combinations` with `chunk_size` from
-`scoring.chunk_rule` (and, for the C and chunk sweeps, the default plan too), timed as in
-the scoring part; memory is XLA's `memory_analysis` of the compiled plan (arguments + temps)
+8 examples of 32 tokens). Each point: `score_combinations` with its default plan, timed as in
+the scoring part; the chunk sweep fixes `chunk_size` instead, at two (examples, C) points, to
+check the plan's choice of chunk. Memory is XLA's `memory_analysis` of the compiled plan (arguments + temps)
 and the resident-set growth during the timed calls. The figure is drawn by `plot`.
 """
 
@@ -75,8 +75,8 @@ def _point(sizes: ScalingSizes, cache: dict, *, num_combinations: int, num_adapt
                                          chunk_size=chunk)
   return {"num_combinations": num_combinations, "num_adapters": num_adapters, "rank": rank,
           "examples": examples, "d_model": d_model, "chunk": plan.chunk,
-          "chunk_setting": "default plan" if chunk is None else "chunk rule"
-          if chunk == scoring.chunk_rule(examples, sizes.seq_len) else "fixed",
+          "chunk_setting": "default plan" if chunk is None else "fixed",
+          "plan_chunk": scoring.plan_chunk(params, adapters, num_combinations, batch, cfg),
           "seconds": timing.to_dict(), "combos_per_s": num_combinations / timing.median_s,
           "xla_argument_bytes": int(stats.argument_size_in_bytes),
           "xla_temp_bytes": int(stats.temp_size_in_bytes), "rss_growth_bytes": rss}
@@ -93,10 +93,7 @@ def run(sizes: ScalingSizes, log=print) -> dict[str, Any]:
         args = dict(base, examples=examples, num_combinations=c)
         runs += [(args, chunk) for chunk in sizes.chunk if chunk <= c]
     else:
-      for value in getattr(sizes, dim):
-        args = dict(base, **{dim: value})
-        rule = scoring.chunk_rule(args["examples"], sizes.seq_len)
-        runs += [(args, rule)] + ([(args, None)] if dim == "num_combinations" else [])
+      runs += [(dict(base, **{dim: value}), None) for value in getattr(sizes, dim)]
     points = []
     for args, chunk in runs:
       p = _point(sizes, cache, chunk=chunk, **args)
@@ -130,8 +127,7 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> None:
                  [p for p in points if p["examples"] == n])
                 for i, n in enumerate(sorted({p["examples"] for p in points}))]
     else:
-      groups = [(setting, style, [p for p in points if p["chunk_setting"] == setting])
-                for setting, style in (("chunk rule", "o-"), ("default plan", "s--"))]
+      groups = [("default plan", "o-", points)]
     for name, style, pts in groups:
       if not pts:
         continue

@@ -7,12 +7,11 @@ the same weights: a random base and K random adapters are written through the in
 (`hf.load_checkpoint` + `peft.load_adapter`; `from_pretrained` + `PeftModel`).
 
 Contenders:
-- `ours`: `score_combinations(..., method='mix')`, one compiled call, its default plan (the
-  chunk is the largest the memory budget allows);
-- `ours_chunk`: the same call with `chunk_size` from `chunk_rule` (cache-sized chunks);
+- `ours`: `score_combinations(..., method='mix')`, one compiled call with its default plan
+  (the unmerged mixing route; the chunk from the memory budget and the working-set target);
 - `dense_map`: a bench-side prototype, not in the library: one compiled `lax.map` over the
-  combinations of "merge W + Σ_k w_k ΔW_k, then forward" (the route the evaluator would take
-  in the compute-bound regime);
+  combinations of "merge W + Σ_k w_k ΔW_k, then forward", with ours' chunk (the route an
+  evaluator could take where the forward dominates);
 - `jax_loop`: a Python loop dispatching one jitted merge-then-forward call per combination
   (asynchronously; one block at the end: the strongest loop);
 - `peft`: per combination `add_weighted_adapter(..., combination_type='cat')` (exactly
@@ -43,9 +42,8 @@ from lora_limits.interop import peft as ipeft
 from lora_limits.models import transformer
 from lora_limits.recycle import evaluate
 
-CONTENDERS = ("ours", "ours_chunk", "dense_map", "jax_loop", "peft")
+CONTENDERS = ("ours", "dense_map", "jax_loop", "peft")
 AGREEMENT_ATOL = 1e-4  # max |Δ loss| allowed between contenders (float32, two frameworks)
-CHUNK_TOKENS = 2048  # chunk_rule: tokens per chunk (activations stay cache-sized)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +83,10 @@ def loop_combinations(sizes: ScoringSizes, examples: int) -> int:
   return int(np.clip(sizes.loop_tokens // (examples * sizes.seq_len), 4, 64))
 
 
-def chunk_rule(examples: int, seq_len: int) -> int:
-  """Combinations per chunk so that a chunk holds about CHUNK_TOKENS tokens (at least 1)."""
-  return max(1, CHUNK_TOKENS // (examples * seq_len))
+def plan_chunk(params, adapters, num_combinations: int, batch, cfg) -> int:
+  """The chunk score_combinations' default plan takes for this shape."""
+  return evaluate.make_plan(params, adapters, num_combinations,
+                            tuple(np.shape(batch["inputs"])), cfg=cfg).chunk
 
 
 # --- identical weights on both sides --------------------------------------------------------
@@ -265,7 +264,6 @@ def run(sizes: ScoringSizes, workdir: pathlib.Path, log=print) -> dict[str, Any]
   for n_examples, cs in zip(sizes.examples, sizes.combinations):
     batch_np = make_batch(n_examples, sizes.seq_len, setup.cfg.vocab_size, sizes.seed)
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
-    chunk = chunk_rule(n_examples, sizes.seq_len)
     for k in sizes.num_adapters:
       adapters = setup.adapters[:k]
       stacked = lora_lib.stack(adapters)
@@ -273,7 +271,7 @@ def run(sizes: ScoringSizes, workdir: pathlib.Path, log=print) -> dict[str, Any]
       w_loop = make_weights(n_loop, k, sizes.seed)
       w_loop_j = jnp.asarray(w_loop)
       loop: dict[str, Any] = {"examples": n_examples, "num_adapters": k, "combos": n_loop}
-      scores = {"ours": ours(setup, adapters, batch, w_loop, chunk)}
+      scores = {"ours": ours(setup, adapters, batch, w_loop, None)}
       scores["jax_loop"], t, rss = timed(
           lambda: jax_loop(setup, stacked, batch, w_loop_j), *budget)
       loop["jax_loop"] = _entry(t, n_loop, rss)
@@ -294,22 +292,20 @@ def run(sizes: ScoringSizes, workdir: pathlib.Path, log=print) -> dict[str, Any]
                                 "num_combinations": c}
         s_ours, t, rss = timed(lambda: ours(setup, adapters, batch, w, None), *budget)
         cell["ours"] = _entry(t, c, rss, **ours_memory(setup, adapters, batch, w, None))
-        s_chunk, t, rss = timed(lambda: ours(setup, adapters, batch, w, chunk), *budget)
-        cell["ours_chunk"] = _entry(t, c, rss, **ours_memory(setup, adapters, batch, w, chunk))
+        chunk = cell["ours"]["chunk"]
         s_dense, t, rss = timed(lambda: dense_map(setup, stacked, batch, w_j, chunk), *budget)
         cell["dense_map"] = _entry(t, c, rss, chunk=chunk)
         for name in ("jax_loop", "peft"):
           if name in loop:
             cell[name] = {"combos_per_s": loop[name]["combos_per_s"], "timed_on": n_loop}
-        cell["agreement"] = agreement(
-            {"ours": s_ours, "ours_chunk": s_chunk, "dense_map": s_dense})
+        cell["agreement"] = agreement({"ours": s_ours, "dense_map": s_dense})
         cell["ratios"] = ratios(cell)
         log(f"scoring N={n_examples} K={k} C={c}: " + ", ".join(
             f"{n} {cell[n]['combos_per_s']:.1f}" for n in CONTENDERS if n in cell)
-            + f" combos/s (chunk {cell['ours']['chunk']} / {chunk})")
+            + f" combos/s (chunk {chunk})")
         cells.append(cell)
-  return {"sizes": _sizes_dict(sizes), "agreement_atol": AGREEMENT_ATOL,
-          "chunk_tokens": CHUNK_TOKENS, "loops": loops, "cells": cells}
+  return {"sizes": _sizes_dict(sizes), "agreement_atol": AGREEMENT_ATOL, "loops": loops,
+          "cells": cells}
 
 
 def agreement(scores: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -326,7 +322,7 @@ def agreement(scores: dict[str, np.ndarray]) -> dict[str, Any]:
 def ratios(cell: dict[str, Any]) -> dict[str, float]:
   """Combos/s of each one-call variant over each loop."""
   out = {}
-  for mine in ("ours", "ours_chunk", "dense_map"):
+  for mine in ("ours", "dense_map"):
     for other in ("jax_loop", "peft"):
       if other in cell:
         out[f"{mine}/{other}"] = cell[mine]["combos_per_s"] / cell[other]["combos_per_s"]
