@@ -7,7 +7,7 @@ CONFIG ?= configs/two_hop.py
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run test test-slow bench clean
+.PHONY: install run test test-slow bench bench-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test-slow: install
 
 bench: install
 	$(PY) -m bench.run
+
+# ~1 minute; writes runs/bench-quick/ (results.json, BENCHMARKS.md, figures), not the repo's.
+bench-quick: install
+	$(PY) -m bench.run --mode=quick
 
 clean:
 	rm -rf $(VENV) runs

@@ -163,9 +163,10 @@ def _jitted_map(cfg: transformer.ModelConfig, chunk: int):
   return jax.jit(run)
 
 
-def jax_loop(setup: Setup, stacked, batch, weights_CxK) -> np.ndarray:
+def jax_loop(setup: Setup, stacked, batch, weights: list) -> np.ndarray:
+  """weights: one device array [K] per combination (sliced beforehand, outside the loop)."""
   one = _jitted_one(setup.cfg)
-  outs = [one(setup.params, stacked, batch, w) for w in weights_CxK]
+  outs = [one(setup.params, stacked, batch, w) for w in weights]
   return np.asarray(jax.block_until_ready(jnp.stack(outs)))
 
 
@@ -269,7 +270,7 @@ def run(sizes: ScoringSizes, workdir: pathlib.Path, log=print) -> dict[str, Any]
       stacked = lora_lib.stack(adapters)
       n_loop = loop_combinations(sizes, n_examples)
       w_loop = make_weights(n_loop, k, sizes.seed)
-      w_loop_j = jnp.asarray(w_loop)
+      w_loop_j = list(jnp.asarray(w_loop))
       loop: dict[str, Any] = {"examples": n_examples, "num_adapters": k, "combos": n_loop}
       scores = {"ours": ours(setup, adapters, batch, w_loop, None)}
       scores["jax_loop"], t, rss = timed(

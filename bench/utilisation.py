@@ -124,6 +124,7 @@ def scoring_utilisation(sizes: UtilisationSizes, workdir: pathlib.Path, peak: fl
         n_examples, sizes.seq_len, setup.cfg.vocab_size, sizes.seed).items()}
     w = scoring.make_weights(c, k, sizes.seed)
     w_j = jnp.asarray(w)
+    w_list = list(w_j)
     chunk = scoring.plan_chunk(setup.params, setup.adapters, c, batch, setup.cfg)
     flops = {route: scoring.flops_per_combination(setup.cfg, n_examples, sizes.seq_len,
                                                   route=route, num_adapters=k, rank=sizes.rank)
@@ -135,7 +136,7 @@ def scoring_utilisation(sizes: UtilisationSizes, workdir: pathlib.Path, peak: fl
     runs = {
         "ours": ("mix", lambda: scoring.ours(setup, setup.adapters, batch, w, None)),
         "dense_map": ("dense", lambda: scoring.dense_map(setup, stacked, batch, w_j, chunk)),
-        "jax_loop": ("dense", lambda: scoring.jax_loop(setup, stacked, batch, w_j)),
+        "jax_loop": ("dense", lambda: scoring.jax_loop(setup, stacked, batch, w_list)),
     }
     point: dict[str, Any] = {"examples": n_examples, "num_combinations": c, "num_adapters": k,
                              "chunk": chunk,
