@@ -32,7 +32,7 @@ def get_config(variant: str = "") -> config_dict.ConfigDict:
   c.recycle = config_dict.ConfigDict(dict(
       libraries=tuple(pipeline.LIBRARIES), methods=pipeline.METHODS, ties_density=0.5,
       dare_density=0.5, svd_rank=8, knots_inner="ties", arrow_top_k=1, arrow_temperature=1.0,
-      lorahub_generations=20, lorahub_shots=16, similarity_top_k=1))
+      lorahub_generations=20, lorahub_shots=16, similarity_top_k=1, distractors=0))
   c.eval_batch_size = 64
   if variant == "quick":
     c.seeds = (0,)

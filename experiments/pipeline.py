@@ -52,6 +52,7 @@ ROUTE_METHODS = ("arrow", "oracle", "lorahub", "similarity")
 METHODS = MERGE_METHODS + ROUTE_METHODS
 NOT_DATA_FREE = ("lorahub", "similarity", "oracle")
 CONTROLS = ("base", "hop1", "hop2", "target", "union")
+MAX_DISTRACTORS = 6
 RECORD_KEYS = ("task", "tier", "library", "method", "answer_format", "split", "seed")
 
 
@@ -161,6 +162,8 @@ class RecycleSection:
   lorahub_generations: int = 20
   lorahub_shots: int = 16
   similarity_top_k: int = 1
+  distractors: int = 0  # extra adapters of irrelevant facts added to every library
+
 
   def __post_init__(self):
     for lib in self.libraries:
@@ -176,6 +179,9 @@ class RecycleSection:
         raise ValueError(f"recycle.{name} must be in (0, 1], got {getattr(self, name)}")
     _positive("recycle", self, ("svd_rank", "arrow_top_k", "lorahub_generations",
                                 "lorahub_shots", "similarity_top_k"))
+    if not 0 <= self.distractors <= MAX_DISTRACTORS:
+      raise ValueError(f"recycle.distractors must be in [0, {MAX_DISTRACTORS}], got "
+                       f"{self.distractors}")
     if self.arrow_top_k > 2 or self.similarity_top_k > 2:
       raise ValueError("recycle.arrow_top_k and similarity_top_k must be <= 2, the size of the "
                        f"smallest library; got {self.arrow_top_k}, {self.similarity_top_k}")
@@ -309,8 +315,30 @@ def _exact(params, model_cfg, tokenizer, examples, batch_size, lora=None) -> flo
   return float(np.mean(out["exact"]))
 
 
-def adapter_examples(world: task_common.World, name: str) -> list[task_common.Example]:
-  """Training examples of adapter `name`, pooled over every tier of the world."""
+def library_names(library: str, distractors: int) -> tuple[str, ...]:
+  """The adapters of a library: its own, then `distractors` irrelevant ones."""
+  return LIBRARIES[library] + tuple(f"distractor{i}" for i in range(1, distractors + 1))
+
+
+def adapter_examples(world: task_common.World, name: str,
+                     distractors: int = 0) -> list[task_common.Example]:
+  """Training examples of adapter `name`, pooled over every tier of the world.
+
+  distractor<i>: the i-th of `distractors` disjoint slices of facts the corpus states about
+  filler entities (two-hop) or counting (math) — knowledge no test question needs, so such an
+  adapter can only interfere.
+  """
+  if name.startswith("distractor"):
+    i = int(name.removeprefix("distractor"))
+    if not 1 <= i <= distractors:
+      raise ValueError(f"adapter {name!r} does not exist with distractors={distractors}")
+    pool = [e for e in world.recall
+            if (e.meta.get("group") == "filler" and e.meta.get("hop"))  # two-hop fillers
+            or e.meta.get("source") == "counting"]  # math: "after 3 comes 4 ."
+    if len(pool) < distractors:
+      raise ValueError(f"recycle.distractors={distractors} exceeds the {len(pool)} irrelevant "
+                       "facts the world has for them")
+    return pool[i - 1::distractors]
   splits = {"target": ("target", "target_cot")}.get(name, (name,))
   return [e for group in world.groups for s in splits for e in world.splits[group][s]]
 
@@ -318,7 +346,7 @@ def adapter_examples(world: task_common.World, name: str) -> list[task_common.Ex
 def trained_adapter(cfg: StudyConfig, base: Base, world: task_common.World, name: str,
                     cache: pathlib.Path, seed: int) -> tuple[lora_lib.Adapter, dict]:
   """Adapter `name` trained on its split (cached), with its own training accuracy."""
-  examples = adapter_examples(world, name)
+  examples = adapter_examples(world, name, cfg.recycle.distractors)
   a = cfg.adapters
   key = _digest({"base": base.key, "adapter": name, "seed": seed,
                  "examples": [e.to_dict() for e in examples], "settings": schema.to_dict(a)})
@@ -326,8 +354,7 @@ def trained_adapter(cfg: StudyConfig, base: Base, world: task_common.World, name
   info_path = directory / "adapter.json"
   rows = tok_lib.encode_examples(base.tokenizer, examples)
   loop = train_lib.LoopConfig(steps=a.max_steps, batch_size=a.batch_size,
-                              seed=seed * 1000 + sorted(LIBRARIES["two_plus_target"] +
-                                                        ("union",)).index(name),
+                              seed=seed * 1000 + _adapter_index(name),
                               loss_on="answer", eval_every=a.eval_every)
   optim = train_lib.OptimConfig(learning_rate=a.learning_rate, warmup_steps=a.warmup_steps)
 
@@ -359,6 +386,12 @@ def trained_adapter(cfg: StudyConfig, base: Base, world: task_common.World, name
   common.log(f"adapter {name} seed {seed}: {info['steps']} steps, train exact match "
              f"{info['train_exact_match']:.3f} (n={info['n_train']})")
   return adapter, info
+
+
+def _adapter_index(name: str) -> int:
+  """A stable small integer per adapter name (it keys the adapter's init and data order)."""
+  fixed = ("hop1", "hop2", "target", "union")
+  return fixed.index(name) if name in fixed else 10 + int(name.removeprefix("distractor"))
 
 
 # --------------------------------------------------------------------------- recycling
@@ -394,13 +427,13 @@ def gold_adapters(example: task_common.Example, names: Sequence[str]) -> list[in
   hop = example.meta.get("hop")
   if hop is not None and f"hop{hop}" in names:
     return [names.index(f"hop{hop}")]
-  return list(range(len(names)))
+  return [i for i, n in enumerate(names) if not n.startswith("distractor")]
 
 
 def recycled_models(cfg: StudyConfig, base: Base, world: task_common.World,
                     adapters: Mapping[str, lora_lib.Adapter], library: str, seed: int,
                     centroids: Mapping[str, jax.Array]) -> list[Model]:
-  names = LIBRARIES[library]
+  names = library_names(library, cfg.recycle.distractors)
   lib = [adapters[n] for n in names]
   r = cfg.recycle
   out = []
@@ -488,12 +521,15 @@ def run_seed(cfg: StudyConfig, seed: int, cache: pathlib.Path, tokenizer,
     base = pretrained_base(cfg, world, tokenizer, cache, seed)
   adapters, infos = {}, {}
   with common.stage(f"seed {seed}: adapters", timings):
-    for name in ("hop1", "hop2", "target", "union"):
+    names = ("hop1", "hop2", "target", "union") + library_names(
+        "two", cfg.recycle.distractors)[2:]
+    for name in names:
       adapters[name], infos[name] = trained_adapter(cfg, base, world, name, cache, seed)
   centroids = {}
   if "similarity" in cfg.recycle.methods:
-    for name in ("hop1", "hop2", "target"):
-      rows = tok_lib.encode_examples(base.tokenizer, adapter_examples(world, name))
+    for name in sorted(set(adapters) - {"union"}):
+      rows = tok_lib.encode_examples(
+          base.tokenizer, adapter_examples(world, name, cfg.recycle.distractors))
       centroids[name] = route_lib.adapter_centroid(base.params, base.cfg, rows)
   models = [Model("none", "base", base.params)]
   models += [Model("single", n, base.params, lora_lib.LoraMix.single(adapters[n]))
