@@ -338,6 +338,10 @@ def apply(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig, *,
   """
   if tokens_BxT.ndim != 2:
     raise ValueError(f"tokens must be [batch, time], got shape {tokens_BxT.shape}")
+  if lora is not None and lora.stack:
+    # Factors at paths this model lacks would be silently ignored (an adapter of a deeper
+    # model), and misshapen ones fail deep inside an einsum: name the path instead.
+    lora_lib.check_compatible(params, lora.stack)
   if positions_BxT is None:
     positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
   rngs = {"dropout": dropout_key} if dropout_key is not None else {}
