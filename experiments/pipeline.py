@@ -485,20 +485,51 @@ def _lorahub_shots(world: task_common.World, shots: int, seed: int) -> list[task
 # --------------------------------------------------------------------------- evaluation
 
 
+BRIDGE_SPLIT = "test_two_hop_bridge"
+
+
+def bridge_stated(examples: Sequence[task_common.Example]) -> tuple[task_common.Example, ...]:
+  """Chain-of-thought test questions with the whole chain but the final answer given.
+
+  "where does the spouse of A live ? explain" + "A 's spouse is B . B lives in" → "C": the
+  bridge B is stated, so answering needs only the last hop, keyed on B in context. The
+  positive control for composition (Theorem 2's explicit-bridge case, in the full model).
+  """
+  out = []
+  for e in examples:
+    final = e.meta["final"]
+    given = e.answer[:len(e.answer) - len(final)].strip()
+    meta = dict(e.meta, split=BRIDGE_SPLIT, format="direct")
+    for key in ("bridges", "bridge_steps", "bridge_at", "bridge"):
+      meta.pop(key, None)
+    out.append(task_common.Example(f"{e.prompt} {given}", final, meta))
+  return tuple(out)
+
+
+def test_sets(world: task_common.World) -> dict[str, dict[str, tuple[task_common.Example, ...]]]:
+  """{split: {group: examples}}: the world's test splits plus the bridge-stated control."""
+  out = {split: {g: tuple(world.splits[g][split]) for g in world.groups}
+         for split in task_common.test_splits(world.k)}
+  out[BRIDGE_SPLIT] = {g: bridge_stated(world.splits[g]["test_two_hop_cot"])
+                       for g in world.groups}
+  return out
+
+
 def evaluate_model(model: Model, base: Base, world: task_common.World, task: str, seed: int,
                    batch_size: int) -> list[dict[str, Any]]:
   """Records for every tier × test split (tiers decoded together, split apart afterwards)."""
   records = []
-  for split in task_common.test_splits(world.k):
-    examples = [e for g in world.groups for e in world.splits[g][split]]
+  for split, by_group in test_sets(world).items():
+    examples = [e for g in world.groups for e in by_group[g]]
     lora = model.lora(examples, split) if callable(model.lora) else model.lora
     texts = eval_lib.generate(model.params, base.cfg, base.tokenizer, examples, lora=lora,
                               batch_size=batch_size)
     start = 0
     for group in world.groups:
-      group_ex = world.splits[group][split]
+      group_ex = by_group[group]
+      chance = world.chance[group][split if split != BRIDGE_SPLIT else "test_two_hop_cot"]
       res = eval_lib.score_split(split, texts[start:start + len(group_ex)], group_ex,
-                                 chance=world.chance[group][split])
+                                 chance=chance)
       start += len(group_ex)
       fmt = "cot" if split.endswith("_cot") else "direct"
       rec = {"task": task, "tier": group, "library": model.library, "method": model.method,

@@ -45,9 +45,9 @@ def test_records_cover_every_model_tier_and_split(smoke_run):
   assert models == expected
   assert {r["tier"] for r in evals} == {"F", "H", "R"}
   assert {r["split"] for r in evals} == {"test_hop1", "test_hop2", "test_two_hop_direct",
-                                          "test_two_hop_cot"}
+                                          "test_two_hop_cot", "test_two_hop_bridge"}
   assert all("bridge_accuracy" in r for r in evals if r["answer_format"] == "cot")
-  assert len(evals) == len(expected) * 3 * 4
+  assert len(evals) == len(expected) * 3 * 5
   train = [r for r in records if r["split"].startswith("train_")]
   assert {r["method"] for r in train} == {"hop1", "hop2", "target", "union"}
 
