@@ -320,7 +320,11 @@ def read_config(path: str | pathlib.Path) -> tuple[dict[str, Any], transformers.
   if not isinstance(raw, dict):
     raise ValueError(f"{str(config_file)!r} must hold a JSON object, got {type(raw).__name__}")
   _check_arch(raw.get("model_type"))
-  return raw, transformers.AutoConfig.from_pretrained(str(path))
+  try:
+    return raw, transformers.AutoConfig.from_pretrained(str(path))
+  except Exception as e:  # transformers validates fields with its own (non-ValueError) errors
+    raise ValueError(f"{str(config_file)!r} does not load as a {raw['model_type']} config "
+                     f"({type(e).__name__}: {str(e)[:300]})") from e
 
 
 def load_tokenizer(path: str | pathlib.Path):

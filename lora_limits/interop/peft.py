@@ -63,7 +63,30 @@ def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any
   return default
 
 
+def _is_number(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _check_config(config: Mapping[str, Any], where: str):
+  # Types of the fields we read (a hand-edited or damaged config fails here by name).
+  if not (isinstance(config.get("r", 8), int) and not isinstance(config.get("r", 8), bool)
+          and config.get("r", 8) > 0):
+    raise ValueError(f"{where}: r={config.get('r')!r} must be a positive int")
+  if not _is_number(config.get("lora_alpha", 8)):
+    raise ValueError(f"{where}: lora_alpha={config.get('lora_alpha')!r} must be a number")
+  for name in ("rank_pattern", "alpha_pattern"):
+    pattern = config.get(name) or {}
+    if not isinstance(pattern, dict) or not all(
+        isinstance(k, str) and _is_number(v) for k, v in pattern.items()):
+      raise ValueError(f"{where}: {name}={config.get(name)!r} must map module-name patterns to "
+                       "numbers")
+    for key in pattern:
+      try:
+        re.compile(key)
+      except re.error as e:
+        raise ValueError(f"{where}: {name} key {key!r} is not a valid regex ({e})") from e
+  if not isinstance(config.get("use_rslora", False), (bool, type(None))):
+    raise ValueError(f"{where}: use_rslora={config.get('use_rslora')!r} must be a bool")
   peft_type = config.get("peft_type")
   if peft_type != "LORA":
     raise ValueError(f"{where}: peft_type={peft_type!r} is not supported (only 'LORA')")
