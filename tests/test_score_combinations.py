@@ -146,7 +146,10 @@ def test_chunk_size_follows_the_memory_budget(setup):
   assert stats.temp_size_in_bytes <= budget
   big = eval_lib.make_plan(params, ads, 16, (6, 6), cfg=CFG, method="ties")
   assert big.chunk == 16  # the default 4 GiB holds every combination at once
-  tiny = eval_lib.make_plan(params, ads, 16, (6, 6), cfg=CFG, memory_budget_bytes=1)
+  with pytest.raises(ValueError, match=r"memory_budget_bytes=1 .* cannot hold one combination"):
+    eval_lib.make_plan(params, ads, 16, (6, 6), cfg=CFG, memory_budget_bytes=1)
+  tiny = eval_lib.make_plan(params, ads, 16, (6, 6), cfg=CFG, memory_budget_bytes=budget,
+                            chunk_target_bytes=1)
   assert tiny.chunk == 1
   # The working-set target caps the chunk too (wide vmaps are slower on a CPU).
   capped = eval_lib.make_plan(params, ads, 16, (6, 6), cfg=CFG, method="ties",

@@ -19,7 +19,8 @@ How a combination is evaluated depends on the method (the choice is the cheapest
   so a chunk holds `chunk` copies of the adapted kernels; the memory budget accounts for it.
 
 The chunk size comes from an analytic estimate of one combination's buffers (`estimate_bytes`):
-the largest chunk that fits `memory_budget_bytes` (default 4 GiB), and no larger than
+the largest chunk that fits `memory_budget_bytes` (default 4 GiB; a budget that cannot hold
+even one combination is a ValueError saying what would fit), and no larger than
 `chunk_target_bytes` (default 64 MiB) of estimated working set, because wider vmaps are
 *slower* on a CPU once they spill the caches. Measured on 2 CPU cores (2-layer d 128 model,
 K = 4 rank-8 adapters, 256 combinations): with 2, 8, 32 sequences per combination the fastest
@@ -215,6 +216,14 @@ def make_plan(params, adapters: Sequence[Mapping[str, lora_lib.LoraFactors]], nu
   if chunk_size is None:
     fixed = _nbytes(params) + _nbytes(adapters)
     per = estimate_bytes(cfg, batch_shape, route, adapters)
+    if memory_budget_bytes < fixed + per:
+      mib = 2**20
+      raise ValueError(
+          f"memory_budget_bytes={memory_budget_bytes} ({memory_budget_bytes / mib:.1f} MiB) cannot "
+          f"hold one combination: parameters and adapters take {fixed / mib:.1f} MiB and one "
+          f"combination of route {route!r} on a {batch_shape[0]}x{batch_shape[1]} batch about "
+          f"{per / mib:.1f} MiB more; raise the budget, score fewer or shorter sequences per "
+          "call, or pass chunk_size=1 to run one at a time regardless")
     chunk = (memory_budget_bytes - fixed) // per
     if chunk_target_bytes is not None:
       chunk = min(chunk, chunk_target_bytes // per)
