@@ -68,6 +68,42 @@ def measure(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1) -> Timi
                 first if first is not None else times[0])
 
 
+def measure_interleaved(fns: Mapping[str, Callable[[], Any]], *, repeats: int = 3,
+                        budget_s: float | None = None):
+  """Time several contenders side by side: one warm-up call each, then rounds that call each
+  in turn, so all of them see the same load on a shared machine. The first round runs under
+  `RssPeak` (the resident-set growth of each call); later rounds are unobserved.
+
+  repeats: rounds; with budget_s, fewer when the warm-up calls together took longer than
+  budget_s / repeats (at least one). Returns ({name: result of the warm-up call},
+  {name: Timing}, {name: RSS growth in bytes}).
+  """
+  results, first = {}, {}
+  for name, fn in fns.items():
+    start = time.perf_counter()
+    results[name] = fn()
+    first[name] = time.perf_counter() - start
+  if budget_s is not None:
+    repeats = int(max(1, min(repeats, budget_s // max(sum(first.values()), 1e-9))))
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  rss: dict[str, int] = {}
+  for r in range(repeats):
+    for name, fn in fns.items():
+      if r == 0:
+        with RssPeak() as peak:
+          start = time.perf_counter()
+          fn()
+          times[name].append(time.perf_counter() - start)
+        rss[name] = peak.growth_bytes
+      else:
+        start = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - start)
+  timings = {name: Timing(statistics.median(t), min(t), max(t), len(t), first[name])
+             for name, t in times.items()}
+  return results, timings, rss
+
+
 def rss_bytes() -> int:
   """The current resident set size of this process."""
   with open("/proc/self/statm") as f:

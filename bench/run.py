@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -86,7 +87,7 @@ def sizes_for(mode: str, full_grid: bool = False) -> dict[str, Any]:
   """The sizes of every part in `mode`: full (~15 min), quick (~1 min), tiny (tests).
 
   full_grid: in full mode, score every C at 128 examples too (compute-bound cells cost about
-  C / 20 seconds each per contender here; the default stops at C = 64 there, since the rate
+  C / 20 seconds each per contender here; the default stops at C = 256 there, since the rate
   per combination is flat in C once a chunk is full).
   """
   if mode == "full":
@@ -180,6 +181,7 @@ def run(options: Options) -> dict[str, Any]:
   results_path = options.results_dir / "results.json"
   figures = options.results_dir / "figures"
   results = _load(results_path, options.mode)
+  failed: list[str] = []
   if not options.render_only:
     sizes = sizes_for(options.mode, options.full_grid)
     results["machine"] = common.machine_info()
@@ -188,18 +190,12 @@ def run(options: Options) -> dict[str, Any]:
       for part in options.parts:
         before, start = common.load_average(), time.time()
         log(f"part {part}: start (load average {before})")
-        if part == "scoring":
-          out = scoring.run(sizes["scoring"], scratch / "scoring", log)
-          out["memory_check"] = scoring.memory_check(sizes["scoring"], scratch / "memory",
-                                                     log=log)
-        elif part == "training":
-          out = training.run(sizes["training"], scratch / "training", log)
-        elif part == "utilisation":
-          out = utilisation.run(sizes["utilisation"], scratch / "utilisation", log)
-        elif part == "scaling":
-          out = scaling.run(sizes["scaling"], log)
-        else:
-          out = e2e(options)
+        try:
+          out = _run_part(part, sizes, scratch, options)
+        except Exception:  # noqa: BLE001 - recorded, the other parts still run
+          out = {"error": traceback.format_exc()}
+          failed.append(part)
+          log(f"part {part}: FAILED\n{out['error']}")
         out["measured"] = {"date_utc": common.machine_info()["date_utc"],
                            "load_before": before, "load_after": common.load_average(),
                            "seconds": time.time() - start, "command": options.command,
@@ -216,7 +212,24 @@ def run(options: Options) -> dict[str, Any]:
   options.markdown_path.parent.mkdir(parents=True, exist_ok=True)
   options.markdown_path.write_text(markdown)
   log(f"wrote {results_path} and {options.markdown_path}")
+  if failed:
+    raise RuntimeError(f"benchmark parts {failed} failed (their tracebacks are in {results_path})")
   return results
+
+
+def _run_part(part: str, sizes: dict[str, Any], scratch: pathlib.Path,
+              options: Options) -> dict[str, Any]:
+  if part == "scoring":
+    out = scoring.run(sizes["scoring"], scratch / "scoring", log)
+    out["memory_check"] = scoring.memory_check(sizes["scoring"], scratch / "memory", log=log)
+    return out
+  if part == "training":
+    return training.run(sizes["training"], scratch / "training", log)
+  if part == "utilisation":
+    return utilisation.run(sizes["utilisation"], scratch / "utilisation", log)
+  if part == "scaling":
+    return scaling.run(sizes["scaling"], log)
+  return e2e(options)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -70,7 +70,9 @@ def _point(sizes: ScalingSizes, cache: dict, *, num_combinations: int, num_adapt
     return jax.block_until_ready(evaluate.score_combinations(
         params, adapters, w, batch, cfg=cfg, metric="loss", chunk_size=chunk))
 
-  _, timing, rss = scoring.timed(call, sizes.repeats, sizes.budget_s)
+  _, timings, rss = common.measure_interleaved({"ours": call}, repeats=sizes.repeats,
+                                               budget_s=sizes.budget_s)
+  timing, rss = timings["ours"], rss["ours"]
   stats, plan = evaluate.memory_analysis(params, adapters, w, batch, cfg=cfg,
                                          chunk_size=chunk)
   return {"num_combinations": num_combinations, "num_adapters": num_adapters, "rank": rank,

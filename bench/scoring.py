@@ -17,8 +17,11 @@ Contenders:
 - `peft`: per combination `add_weighted_adapter(..., combination_type='cat')` (exactly
   Σ_k w_k ΔW_k), `set_adapter`, a no-grad forward, the loss, `delete_adapter`.
 
-The loops' cost per combination does not depend on C, so they are timed once per (K,
-examples) on `loop_combinations(...)` combinations; ours is timed at every C.
+Timing is interleaved (`common.measure_interleaved`): per (examples, K), ours, the jitted
+loop and PEFT score the same `loop_combinations(...)` combinations side by side (the scores
+checked for agreement); then per C, ours and dense_map score all C combinations side by side
+with the jitted loop on its combinations again. The loops' cost per combination does not
+depend on C; PEFT, the slowest, is timed only in the first group.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-import time
 import warnings
 from typing import Any
 
@@ -57,7 +59,7 @@ class ScoringSizes:
   seq_len: int = 32
   num_adapters: tuple[int, ...] = (2, 4, 8)
   examples: tuple[int, ...] = (8, 128)
-  combinations: tuple[tuple[int, ...], ...] = ((16, 64, 256, 1024), (16, 64))
+  combinations: tuple[tuple[int, ...], ...] = ((16, 64, 256, 1024), (16, 64, 256))
   loop_tokens: int = 65536  # the loops are timed on clip(loop_tokens // tokens, 4, 64) combos
   peft: bool = True
   # memory_check: compile-only plans at these C and budgets (bytes)
@@ -224,19 +226,6 @@ def peft_loop(model, num_adapters: int, batch, weights_CxK) -> np.ndarray:
 
 # --- the grid -----------------------------------------------------------------------------------
 
-def timed(fn, repeats: int, budget_s: float):
-  """(result, Timing, RSS growth in bytes) of fn(): a warm-up call outside the RSS window,
-  then as many of `repeats` timed calls as fit in budget_s (at least one)."""
-  start = time.perf_counter()
-  result = fn()
-  first = time.perf_counter() - start
-  repeats = int(max(1, min(repeats, budget_s // max(first, 1e-9))))
-  with common.RssPeak() as rss:
-    timing = common.measure(fn, repeats=repeats, warmup=0)
-  timing = dataclasses.replace(timing, first_s=first)
-  return result, timing, rss.growth_bytes
-
-
 def _entry(timing: common.Timing, combos: int, rss_growth: int, **extra) -> dict[str, Any]:
   return dict(combos=combos, combos_per_s=combos / timing.median_s, seconds=timing.to_dict(),
               rss_growth_bytes=rss_growth, **extra)
@@ -258,7 +247,7 @@ def run(sizes: ScoringSizes, workdir: pathlib.Path, log=print) -> dict[str, Any]
   agreement of all contenders on the loops' combinations; 'cells': per (examples, K, C):
   the one-call variants' rates, memory and ratios}."""
   k_max = max(sizes.num_adapters)
-  budget = (sizes.repeats, sizes.budget_s)
+  budget = {"repeats": sizes.repeats, "budget_s": sizes.budget_s}
   setup = make_setup(sizes.model, k_max, sizes.rank, sizes.alpha, sizes.seed, workdir)
   torch_model = peft_model(setup) if sizes.peft else None
   loops, cells = [], []
@@ -272,34 +261,37 @@ def run(sizes: ScoringSizes, workdir: pathlib.Path, log=print) -> dict[str, Any]
       w_loop = make_weights(n_loop, k, sizes.seed)
       w_loop_j = list(jnp.asarray(w_loop))
       loop: dict[str, Any] = {"examples": n_examples, "num_adapters": k, "combos": n_loop}
-      scores = {"ours": ours(setup, adapters, batch, w_loop, None)}
-      scores["jax_loop"], t, rss = timed(
-          lambda: jax_loop(setup, stacked, batch, w_loop_j), *budget)
-      loop["jax_loop"] = _entry(t, n_loop, rss)
+      fns = {"ours": lambda: ours(setup, adapters, batch, w_loop, None),
+             "jax_loop": lambda: jax_loop(setup, stacked, batch, w_loop_j)}
       if torch_model is not None:
-        scores["peft"], t, rss = timed(
-            lambda: peft_loop(torch_model, k, batch_np, w_loop), *budget)
-        loop["peft"] = _entry(t, n_loop, rss)
+        fns["peft"] = lambda: peft_loop(torch_model, k, batch_np, w_loop)
+      scores, timings, rss = common.measure_interleaved(fns, **budget)
+      for name in fns:
+        loop[name] = _entry(timings[name], n_loop, rss[name])
       loop["agreement"] = agreement(scores)
       loop["scores"] = {name: v.tolist() for name, v in scores.items()}
-      log(f"scoring loops N={n_examples} K={k}: " + ", ".join(
-          f"{n} {loop[n]['combos_per_s']:.1f}" for n in ("jax_loop", "peft") if n in loop)
+      log(f"scoring N={n_examples} K={k} on {n_loop} combinations: " + ", ".join(
+          f"{n} {loop[n]['combos_per_s']:.1f}" for n in fns)
           + f" combos/s; max |d loss| vs ours {loop['agreement']['max_abs_diff']:.1e}")
       loops.append(loop)
       for c in cs:
         w = make_weights(c, k, sizes.seed)
         w_j = jnp.asarray(w)
+        chunk = plan_chunk(setup.params, adapters, c, batch, setup.cfg)
         cell: dict[str, Any] = {"examples": n_examples, "num_adapters": k,
                                 "num_combinations": c}
-        s_ours, t, rss = timed(lambda: ours(setup, adapters, batch, w, None), *budget)
-        cell["ours"] = _entry(t, c, rss, **ours_memory(setup, adapters, batch, w, None))
-        chunk = cell["ours"]["chunk"]
-        s_dense, t, rss = timed(lambda: dense_map(setup, stacked, batch, w_j, chunk), *budget)
-        cell["dense_map"] = _entry(t, c, rss, chunk=chunk)
-        for name in ("jax_loop", "peft"):
-          if name in loop:
-            cell[name] = {"combos_per_s": loop[name]["combos_per_s"], "timed_on": n_loop}
-        cell["agreement"] = agreement({"ours": s_ours, "dense_map": s_dense})
+        fns = {"ours": lambda: ours(setup, adapters, batch, w, None),
+               "dense_map": lambda: dense_map(setup, stacked, batch, w_j, chunk),
+               "jax_loop": lambda: jax_loop(setup, stacked, batch, w_loop_j)}
+        scores, timings, rss = common.measure_interleaved(fns, **budget)
+        cell["ours"] = _entry(timings["ours"], c, rss["ours"],
+                              **ours_memory(setup, adapters, batch, w, None))
+        cell["dense_map"] = _entry(timings["dense_map"], c, rss["dense_map"], chunk=chunk)
+        cell["jax_loop"] = _entry(timings["jax_loop"], n_loop, rss["jax_loop"])
+        if "peft" in loop:
+          cell["peft"] = {"combos_per_s": loop["peft"]["combos_per_s"], "combos": n_loop,
+                          "timed_with": "the loops' measurement of this (examples, K)"}
+        cell["agreement"] = agreement({"ours": scores["ours"], "dense_map": scores["dense_map"]})
         cell["ratios"] = ratios(cell)
         log(f"scoring N={n_examples} K={k} C={c}: " + ", ".join(
             f"{n} {cell[n]['combos_per_s']:.1f}" for n in CONTENDERS if n in cell)
@@ -339,7 +331,7 @@ def _sizes_dict(sizes: ScoringSizes) -> dict[str, Any]:
 def memory_check(sizes: ScoringSizes, workdir: pathlib.Path, *, num_adapters: int = 4,
                  log=print) -> list[dict[str, Any]]:
   """Compile-only: XLA's buffers for the default plan at each C and memory budget (the
-  evaluator must stay within the budget whatever C is)."""
+  evaluator must stay within the budget whatever C is, or refuse to plan)."""
   setup = make_setup(sizes.model, num_adapters, sizes.rank, sizes.alpha, sizes.seed, workdir)
   out = []
   for n_examples in sizes.examples:
@@ -347,14 +339,21 @@ def memory_check(sizes: ScoringSizes, workdir: pathlib.Path, *, num_adapters: in
     for budget in sizes.memory_budgets:
       for c in sizes.memory_combinations:
         w = make_weights(c, num_adapters, sizes.seed)
-        stats, plan = evaluate.memory_analysis(setup.params, setup.adapters, w, batch,
-                                               cfg=setup.cfg, memory_budget_bytes=int(budget))
+        entry = {"examples": n_examples, "num_combinations": c, "budget_bytes": int(budget)}
+        try:
+          stats, plan = evaluate.memory_analysis(setup.params, setup.adapters, w, batch,
+                                                 cfg=setup.cfg, memory_budget_bytes=int(budget))
+        except ValueError as e:  # the plan refuses a budget one combination cannot fit
+          entry.update(refused=str(e), within_budget=True)
+          log(f"memory N={n_examples} budget={budget / 2**20:.0f} MiB C={c}: refused ({e})")
+          out.append(entry)
+          continue
         total = int(stats.temp_size_in_bytes + stats.argument_size_in_bytes
                     + stats.output_size_in_bytes - stats.alias_size_in_bytes)
-        out.append({"examples": n_examples, "num_combinations": c, "budget_bytes": int(budget),
-                    "chunk": plan.chunk, "xla_total_bytes": total,
-                    "xla_temp_bytes": int(stats.temp_size_in_bytes),
-                    "within_budget": bool(total <= budget)})
+        entry.update(chunk=plan.chunk, xla_total_bytes=total,
+                     xla_temp_bytes=int(stats.temp_size_in_bytes),
+                     within_budget=bool(total <= budget))
+        out.append(entry)
         log(f"memory N={n_examples} budget={budget / 2**20:.0f} MiB C={c}: chunk {plan.chunk}, "
             f"XLA {total / 2**20:.1f} MiB")
   return out

@@ -141,17 +141,9 @@ class TorchTrainer:
     return [float(x) for x in losses]
 
 
-def _time_steps(trainer, sizes: TrainingSizes) -> dict[str, Any]:
-  timing = common.measure(lambda: trainer.steps(sizes.steps), repeats=sizes.repeats, warmup=1)
-  step_s = timing.median_s / sizes.steps
-  tokens = sizes.batch_size * sizes.seq_len
-  return {"step_s": step_s, "tokens_per_s": tokens / step_s,
-          "seconds_per_repeat": timing.to_dict(), "steps_per_repeat": sizes.steps}
-
-
 def run_model(name: str, cfg: transformer.ModelConfig, sizes: TrainingSizes,
               workdir: pathlib.Path, log=print) -> dict[str, Any]:
-  """Both sides, LoRA and full, on one model."""
+  """Both sides, LoRA and full, on one model, timed side by side."""
   key = jax.random.key(sizes.seed)
   params = transformer.init(jax.random.fold_in(key, 0), cfg)
   spec = lora_lib.LoraSpec(rank=sizes.rank, alpha=sizes.alpha)
@@ -160,37 +152,38 @@ def run_model(name: str, cfg: transformer.ModelConfig, sizes: TrainingSizes,
   base_dir, adapter_dir = workdir / f"{name}-base", workdir / f"{name}-adapter"
   hf.export_checkpoint(base_dir, cfg, params, arch="llama")
   ipeft.save_adapter(adapter, adapter_dir, arch="llama", num_layers=cfg.n_layers)
+  tokens = sizes.batch_size * sizes.seq_len
   out: dict[str, Any] = {"model": cfg.to_dict(),
                          "num_params": transformer.num_params(params),
-                         "lora_params": lora_lib.num_params(adapter),
-                         "tokens_per_step": sizes.batch_size * sizes.seq_len}
-  check: dict[str, list[float]] = {}
-  for kind in ("lora", "full"):
-    ours = OurTrainer(cfg, params, adapter, batch, kind, sizes.seed)
-    check[f"ours_{kind}"] = ours.steps(sizes.check_steps)
-    entry = _time_steps(ours, sizes)
-    flops_xla = common.xla_flops(ours.compiled)
+                         "lora_params": lora_lib.num_params(adapter), "tokens_per_step": tokens}
+  trainers = {f"ours_{kind}": OurTrainer(cfg, params, adapter, batch, kind, sizes.seed)
+              for kind in ("lora", "full")}
+  if sizes.torch:
+    trainers["torch_lora"] = TorchTrainer(base_dir, adapter_dir, batch)
+    trainers["torch_full"] = TorchTrainer(base_dir, None, batch)
+  check = {n: t.steps(sizes.check_steps) for n, t in trainers.items()}
+  _, timings, rss = common.measure_interleaved(
+      {n: (lambda t=t: t.steps(sizes.steps)) for n, t in trainers.items()},
+      repeats=sizes.repeats)
+  for n, trainer in trainers.items():
+    kind = n.split("_")[1]
+    step_s = timings[n].median_s / sizes.steps
     flops = common.train_step_flops(cfg, sizes.batch_size, sizes.seq_len, kind=kind,
                                     lora_rank=sizes.rank)
-    entry.update(compile_s=ours.compile_s, flops_analytic=flops, flops_xla=flops_xla,
-                 gflops_per_s_analytic=common.gflops(flops, entry["step_s"]),
-                 gflops_per_s_xla=(common.gflops(flops_xla, entry["step_s"])
-                                   if flops_xla else None),
-                 xla_memory=common.xla_memory(ours.compiled))
-    out[f"ours_{kind}"] = entry
-    log(f"training {name} ours {kind}: {entry['step_s'] * 1e3:.1f} ms/step, "
-        f"{entry['tokens_per_s']:.0f} tokens/s, {entry['gflops_per_s_analytic']:.1f} GFLOP/s")
-    del ours
-    if sizes.torch:
-      theirs = TorchTrainer(base_dir, adapter_dir if kind == "lora" else None, batch)
-      check[f"torch_{kind}"] = theirs.steps(sizes.check_steps)
-      entry = _time_steps(theirs, sizes)
-      entry.update(gflops_per_s_analytic=common.gflops(flops, entry["step_s"]),
-                   trainable_params=theirs.num_trainable)
-      out[f"torch_{kind}"] = entry
-      log(f"training {name} torch {kind}: {entry['step_s'] * 1e3:.1f} ms/step, "
-          f"{entry['tokens_per_s']:.0f} tokens/s")
-      del theirs
+    entry = {"step_s": step_s, "tokens_per_s": tokens / step_s,
+             "seconds_per_repeat": timings[n].to_dict(), "steps_per_repeat": sizes.steps,
+             "rss_growth_bytes": rss[n], "flops_analytic": flops,
+             "gflops_per_s_analytic": common.gflops(flops, step_s)}
+    if isinstance(trainer, OurTrainer):
+      flops_xla = common.xla_flops(trainer.compiled)
+      entry.update(compile_s=trainer.compile_s, flops_xla=flops_xla,
+                   gflops_per_s_xla=common.gflops(flops_xla, step_s) if flops_xla else None,
+                   xla_memory=common.xla_memory(trainer.compiled))
+    else:
+      entry["trainable_params"] = trainer.num_trainable
+    out[n] = entry
+    log(f"training {name} {n}: {step_s * 1e3:.1f} ms/step, {entry['tokens_per_s']:.0f} "
+        f"tokens/s, {entry['gflops_per_s_analytic']:.1f} GFLOP/s (matmul count)")
   out["first_losses"] = check
   if sizes.torch:
     out["loss_max_abs_diff"] = {

@@ -122,3 +122,22 @@ def test_bad_options_are_refused():
     scoring.ScoringSizes(examples=(8,), combinations=((16,), (64,)))
   targets = report.targets({"parts": {}})
   assert len(targets) == 9 and all(t["met"] is None for t in targets)
+
+
+def test_a_failing_part_is_recorded_and_raised(tiny_run, tmp_path, monkeypatch):
+  _, results = tiny_run
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "results.json").write_text(json.dumps(results))
+
+  def broken(*args, **kwargs):
+    raise KeyError("boom")
+
+  monkeypatch.setattr(bench_run.scaling, "run", broken)
+  with pytest.raises(RuntimeError, match=r"\['scaling'\] failed"):
+    bench_run.run(bench_run.Options(parts=("scaling",), mode="tiny", out_dir=out,
+                                    markdown=tmp_path / "B.md", e2e_workdir=tmp_path))
+  again = json.loads((out / "results.json").read_text())
+  assert "KeyError: 'boom'" in again["parts"]["scaling"]["error"]
+  assert again["parts"]["training"] == results["parts"]["training"]
+  assert "**This part failed**" in (tmp_path / "B.md").read_text()
