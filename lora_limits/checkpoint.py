@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import sys
 import types
 from typing import Any
@@ -50,11 +51,12 @@ class Checkpointer:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
     self.directory = pathlib.Path(directory).absolute()
     self.directory.mkdir(parents=True, exist_ok=True)
-    # cleanup_tmp_directories: a process killed mid-save leaves `<step>.orbax-checkpoint-tmp-*`;
-    # it is never restored, and is removed when the directory is next opened.
+    # A process killed mid-save leaves `<step>.orbax-checkpoint-tmp-*`; it is never restored.
+    # Remove it now (orbax's cleanup_tmp_directories option does it in the background).
+    for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):
+      shutil.rmtree(partial, ignore_errors=True)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=False,
-                                           cleanup_tmp_directories=True)
+                                           enable_async_checkpointing=False)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
