@@ -256,6 +256,62 @@ def _git_commit() -> str | None:
   return out.stdout.strip() or None
 
 
+def _busy_and_own_ticks() -> tuple[int, int]:
+  """(busy clock ticks of the whole machine, ticks of this process and its waited-for
+  children), from /proc/stat and /proc/self/stat."""
+  with open("/proc/stat") as f:
+    fields = [int(x) for x in f.readline().split()[1:]]
+  idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+  busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
+  with open("/proc/self/stat") as f:
+    stat = f.read().rsplit(")", 1)[1].split()
+  own = sum(int(x) for x in stat[11:15])  # utime stime cutime cstime
+  return busy, own
+
+
+class OtherCpu:
+  """`with OtherCpu() as m: ...` → m.cores: the mean number of cores that *other* processes
+  kept busy during the block (machine busy time minus this process's, per wall second)."""
+
+  def __init__(self):
+    self.cores = float("nan")
+
+  def __enter__(self) -> "OtherCpu":
+    self._start = (time.perf_counter(), *_busy_and_own_ticks())
+    return self
+
+  def __exit__(self, *exc) -> None:
+    t0, busy0, own0 = self._start
+    busy1, own1 = _busy_and_own_ticks()
+    seconds = time.perf_counter() - t0
+    hz = os.sysconf("SC_CLK_TCK")
+    self.cores = max(0.0, ((busy1 - busy0) - (own1 - own0)) / hz / max(seconds, 1e-9))
+
+
+def other_cpu(seconds: float = 3.0) -> float:
+  """Cores other processes are using now (mean over `seconds`)."""
+  with OtherCpu() as m:
+    time.sleep(seconds)
+  return m.cores
+
+
+def wait_for_quiet(max_cores: float, timeout_s: float, log=print) -> dict[str, Any]:
+  """Wait until other processes use fewer than `max_cores` cores (checked over 5 s every
+  ~20 s), at most `timeout_s`. Returns what was seen and whether it timed out."""
+  start = time.time()
+  while True:
+    cores = other_cpu(5.0)
+    waited = time.time() - start
+    if cores < max_cores:
+      return {"other_cores": cores, "waited_s": waited, "timed_out": False}
+    if waited >= timeout_s:
+      log(f"other processes still use {cores:.2f} cores after {waited:.0f}s; going ahead")
+      return {"other_cores": cores, "waited_s": waited, "timed_out": True}
+    log(f"waiting for a quieter machine: other processes use {cores:.2f} cores "
+        f"(want < {max_cores})")
+    time.sleep(15.0)
+
+
 def load_average() -> list[float]:
   return [round(x, 2) for x in os.getloadavg()]
 

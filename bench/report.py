@@ -220,9 +220,15 @@ def _measured(part: dict[str, Any]) -> str:
   m = part.get("measured", {})
   if not m:
     return ""
+  wait = m.get("waited_for_quiet") or {}
+  waited = (f" after waiting {_f(wait['waited_s'])} s for other processes to drop below the "
+            f"threshold ({'timed out at' if wait['timed_out'] else 'reached'} "
+            f"{_f(wait['other_cores'], 2)} cores)" if wait else "")
   return (f"*Measured {m.get('date_utc')} by `{m.get('command')}` (commit {m.get('git_commit')}), "
-          f"{_f(m.get('seconds'))} s; load average (1/5/15 min) {m.get('load_before')} before, "
-          f"{m.get('load_after')} after.*")
+          f"{_f(m.get('seconds'))} s{waited}; other processes kept "
+          f"**{_f(m.get('other_cores_during'), 2)} of the cores busy** on average meanwhile; "
+          f"load average (1/5/15 min) {m.get('load_before')} before, {m.get('load_after')} "
+          "after.*")
 
 
 def _machine(results: dict[str, Any]) -> str:
@@ -351,7 +357,20 @@ def _training_section(part: dict[str, Any], rel) -> list[str]:
                   "ours/torch (LoRA)", "LoRA/full ours", "LoRA/full torch",
                   "LoRA/full matmul FLOPs", "LoRA/full XLA FLOPs",
                   f"max Δ loss, first {sizes.get('check_steps')} steps (LoRA / full)"], rows),
-          "", f"![training]({rel('training.png')})", ""]
+          ""]
+  rows = []
+  for name, m in part.get("models", {}).items():
+    for n, prof in m.get("profile", {}).items():
+      kinds = sorted(set(prof["ms_per_step"]) | set(prof["ops_in_program"]))
+      rows += [[name, n, k, _f(prof["ms_per_step"].get(k)), prof["ops_in_program"].get(k, 0)]
+               for k in kinds]
+  if rows:
+    out += ["Where our steps spend their time: a `jax.profiler` trace of "
+            f"{sizes.get('steps')} steps, XLA ops grouped by kind (matmul: a dot or a fusion "
+            "around one; layout copy: copy/transpose fusions), and how many of each the "
+            "compiled step holds:", "",
+            _table(["model", "step", "kind of op", "ms per step", "ops in program"], rows), ""]
+  out += [f"![training]({rel('training.png')})", ""]
   return out
 
 
@@ -446,6 +465,24 @@ def _e2e_section(part: dict[str, Any]) -> list[str]:
   return out
 
 
+def _profile_sentence(profile: dict[str, Any], excess: bool) -> str:
+  lora, full = profile.get("ours_lora"), profile.get("ours_full")
+  if not lora or not full:
+    return ""
+  parts = []
+  for kind in sorted(set(lora["ms_per_step"]) | set(full["ms_per_step"])):
+    parts.append(f"{kind} {_f(lora['ms_per_step'].get(kind))} ms vs "
+                 f"{_f(full['ms_per_step'].get(kind))} ms ({lora['ops_in_program'].get(kind, 0)}"
+                 f" vs {full['ops_in_program'].get(kind, 0)} ops)")
+  out = " Profiled (LoRA vs full, per step): " + "; ".join(parts) + "."
+  if excess:
+    out += (" The rank-r products are thin matmuls that stream whole activations for few "
+            "FLOPs, and they bring extra layout copies of activations and gradients: "
+            "memory-bound work that takes back part of what skipping the weight gradients "
+            "saves.")
+  return out
+
+
 def _analysis(results: dict[str, Any]) -> list[str]:
   """Paragraphs computed from the numbers: what explains each missed target."""
   parts = results.get("parts", {})
@@ -514,7 +551,9 @@ def _analysis(results: dict[str, Any]) -> list[str]:
         f"the time of a full step; by matmul count the ideal is "
         f"{_x(r['ideal_lora/full_flops'])} and XLA counts {_x(xla)}: no weight gradient is "
         "formed for frozen kernels (the step differentiates only the adapter), but the input "
-        "gradients, attention, the (tied, frozen) lm head and all element-wise work remain.")
+        "gradients, attention, the (tied, frozen) lm head and all element-wise work remain."
+        + _profile_sentence(m.get("profile", {}), r["ours_lora_step/ours_full_step"]
+                            > r["ideal_lora/full_flops"] + 0.05))
   if len(out) == 2:
     out.append("(nothing measured yet)")
   return out + [""]

@@ -61,6 +61,8 @@ class Options:
   command: str = "python -m bench.run"
   render_only: bool = False
   full_grid: bool = False  # full mode: every C also at the largest examples value (+~15 min)
+  max_other_cores: float | None = None  # wait before each part until others use fewer cores
+  wait_timeout_s: float = 1200.0
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -188,20 +190,26 @@ def run(options: Options) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
       scratch = pathlib.Path(options.scratch or tmp)
       for part in options.parts:
+        quiet = None
+        if options.max_other_cores is not None and part != "e2e":
+          quiet = common.wait_for_quiet(options.max_other_cores, options.wait_timeout_s, log)
         before, start = common.load_average(), time.time()
         log(f"part {part}: start (load average {before})")
-        try:
-          out = _run_part(part, sizes, scratch, options)
-        except Exception:  # noqa: BLE001 - recorded, the other parts still run
-          out = {"error": traceback.format_exc()}
-          failed.append(part)
-          log(f"part {part}: FAILED\n{out['error']}")
+        with common.OtherCpu() as others:
+          try:
+            out = _run_part(part, sizes, scratch, options)
+          except Exception:  # noqa: BLE001 - recorded, the other parts still run
+            out = {"error": traceback.format_exc()}
+            failed.append(part)
+            log(f"part {part}: FAILED\n{out['error']}")
         out["measured"] = {"date_utc": common.machine_info()["date_utc"],
                            "load_before": before, "load_after": common.load_average(),
+                           "other_cores_during": others.cores, "waited_for_quiet": quiet,
                            "seconds": time.time() - start, "command": options.command,
                            "git_commit": results["machine"]["git_commit"]}
         results["parts"][part] = out
-        log(f"part {part}: done in {time.time() - start:.0f}s")
+        log(f"part {part}: done in {time.time() - start:.0f}s; other processes kept "
+            f"{others.cores:.2f} cores busy meanwhile")
   results["command"] = options.command
   results["targets"] = report.targets(results)
   results = common.round_floats(results)
@@ -248,6 +256,10 @@ def main(argv: list[str] | None = None) -> None:
                       help="run the pipeline if e2e_workdir has no timings.json")
   parser.add_argument("--e2e_config", default=E2E_CONFIG)
   parser.add_argument("--render_only", action="store_true")
+  parser.add_argument("--max_other_cores", type=float, default=None,
+                      help="before each part, wait until other processes use fewer cores "
+                           "than this (e.g. 0.3 on a shared machine)")
+  parser.add_argument("--wait_timeout_s", type=float, default=1200.0)
   parser.add_argument("--full_grid", action="store_true",
                       help="full mode: every C at 128 examples too (about 15 min more)")
   args = parser.parse_args(argv)
@@ -259,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
                     scratch=pathlib.Path(args.scratch) if args.scratch else None,
                     e2e_workdir=pathlib.Path(args.e2e_workdir), e2e_run=args.e2e_run,
                     e2e_config=args.e2e_config, command=command.strip(),
-                    render_only=args.render_only, full_grid=args.full_grid)
+                    render_only=args.render_only, full_grid=args.full_grid,
+                    max_other_cores=args.max_other_cores, wait_timeout_s=args.wait_timeout_s)
   try:
     import transformers
     transformers.utils.logging.disable_progress_bar()

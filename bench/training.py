@@ -14,8 +14,12 @@ model the same way.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import gzip
+import json
 import pathlib
+import re
 import time
 import warnings
 from typing import Any
@@ -52,6 +56,7 @@ class TrainingSizes:
   repeats: int = 3
   check_steps: int = 3
   torch: bool = True
+  profile: bool = True  # a jax.profiler trace of our LoRA and full steps, by kind of op
   seed: int = 0
 
   def __post_init__(self):
@@ -141,6 +146,57 @@ class TorchTrainer:
     return [float(x) for x in losses]
 
 
+def _hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """{instruction name: (opcode, op_name metadata)} of the ENTRY computation of a compiled HLO
+  module (its top-level ops: what the runtime executes and the profiler names)."""
+  ops = {}
+  entry = False
+  for line in hlo_text.splitlines():
+    if line.startswith("ENTRY"):
+      entry = True
+      continue
+    if entry and line.startswith("}"):
+      break
+    if not entry:
+      continue
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \S+ (\w+)\(.*?op_name=\"([^\"]+)\"", line)
+    if m:
+      ops[m.group(1)] = (m.group(2), m.group(3))
+  return ops
+
+
+def classify(name: str, ops: dict[str, tuple[str, str]]) -> str | None:
+  """'matmul' (a dot or a fusion around one), 'layout copy' (copy/transpose fusions) or
+  'element-wise and reductions'; None for runtime bookkeeping events."""
+  if name not in ops:
+    return None
+  kind, op_name = ops[name]
+  if kind in ("dot", "convolution") or op_name.endswith("dot_general"):
+    return "matmul"
+  if "copy" in name or "transpose" in name or kind in ("copy", "transpose"):
+    return "layout copy"
+  return "element-wise and reductions"
+
+
+def profile_step(trainer: "OurTrainer", steps: int, directory: pathlib.Path) -> dict[str, Any]:
+  """Milliseconds per step by kind of XLA op, from a `jax.profiler` trace of `steps` steps,
+  and the count of each kind in the compiled program."""
+  ops = _hlo_ops(trainer.compiled.as_text())
+  directory.mkdir(parents=True, exist_ok=True)
+  with jax.profiler.trace(str(directory), create_perfetto_trace=True):
+    trainer.steps(steps)
+  files = sorted(directory.rglob("*.trace.json.gz"), key=lambda f: f.stat().st_mtime)
+  events = json.loads(gzip.decompress(files[-1].read_bytes()))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  ms: dict[str, float] = collections.defaultdict(float)
+  for e in events:
+    kind = classify(e.get("name", ""), ops) if e.get("ph") == "X" else None
+    if kind is not None:
+      ms[kind] += e.get("dur", 0) / 1e3 / steps
+  counts = collections.Counter(k for k in (classify(n, ops) for n in ops) if k is not None)
+  return {"ms_per_step": dict(ms), "ops_in_program": dict(counts)}
+
+
 def run_model(name: str, cfg: transformer.ModelConfig, sizes: TrainingSizes,
               workdir: pathlib.Path, log=print) -> dict[str, Any]:
   """Both sides, LoRA and full, on one model, timed side by side."""
@@ -184,6 +240,12 @@ def run_model(name: str, cfg: transformer.ModelConfig, sizes: TrainingSizes,
     out[n] = entry
     log(f"training {name} {n}: {step_s * 1e3:.1f} ms/step, {entry['tokens_per_s']:.0f} "
         f"tokens/s, {entry['gflops_per_s_analytic']:.1f} GFLOP/s (matmul count)")
+  if sizes.profile:
+    out["profile"] = {n: profile_step(trainers[n], sizes.steps, workdir / f"trace-{name}-{n}")
+                      for n in ("ours_lora", "ours_full")}
+    log(f"training {name} profile (ms/step by op kind): " + "; ".join(
+        f"{n}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(p["ms_per_step"].items()))
+        for n, p in out["profile"].items()))
   out["first_losses"] = check
   if sizes.torch:
     out["loss_max_abs_diff"] = {

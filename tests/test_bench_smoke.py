@@ -38,6 +38,7 @@ def test_results_have_every_part_and_target(tiny_run):
   assert results["mode"] == "tiny" and results["machine"]["cores"] >= 1
   for part in results["parts"].values():
     assert {"date_utc", "load_before", "command"} <= set(part["measured"])
+    assert part["measured"]["other_cores_during"] >= 0
   scoring_part = results["parts"]["scoring"]
   for cell in scoring_part["cells"]:
     assert set(scoring.CONTENDERS) <= set(cell)
@@ -47,6 +48,8 @@ def test_results_have_every_part_and_target(tiny_run):
   assert len(results["targets"]) == 9
   models = results["parts"]["training"]["models"]
   assert {"ours_lora", "ours_full", "torch_lora", "torch_full"} <= set(models["tiny"])
+  profile = models["tiny"]["profile"]["ours_lora"]
+  assert profile["ops_in_program"]["matmul"] > 0 and profile["ms_per_step"]["matmul"] > 0
   util = results["parts"]["utilisation"]
   assert util["matmul"]["peak_gflops"] > 0 and util["train"]["tiny"]["lora"]["flops_xla"] > 0
   assert set(results["parts"]["scaling"]["sweeps"]) == {
