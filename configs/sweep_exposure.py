@@ -7,20 +7,8 @@ recycling method, 2-combination library, with intervals and chance) and each val
 report under runs/. Not part of `make run`: it repeats the pipeline once per value.
 """
 
-from ml_collections import config_dict
-
-from configs import two_hop
+from configs import _sweep
 
 
-def get_config(variant: str = "") -> config_dict.ConfigDict:
-  base = two_hop.get_config()
-  base.recycle.methods = ("uniform_factors", "uniform_delta", "sum", "ties", "cat", "arrow")
-  if variant == "quick":
-    base.seeds = (0,)
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r}; allowed: '', 'quick'")
-  c = config_dict.ConfigDict()
-  c.study = "sweep"
-  c.sweep = config_dict.ConfigDict(dict(field="world.fact_exposure", values=(1, 2, 4, 8, 16)))
-  c.base = base
-  return c
+def get_config(variant: str = ""):
+  return _sweep.sweep_config("world.fact_exposure", (1, 2, 4, 8, 16), variant)
