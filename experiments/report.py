@@ -258,8 +258,9 @@ def claims(agg, task: str) -> list[str]:
     best = max(cells, key=lambda m: cells[m]["mean"])
     chance = cells[best]["chance"] or 0.0
     poor = all(c["lo"] <= chance for c in cells.values())
-    out.append(f"**The 2-combination library fails on two-hop questions about unfamiliar "
-               f"entities** (tier {unfamiliar}, direct answers) — "
+    what = ("composed problems** (" if task == "math" else
+            f"two-hop questions about unfamiliar entities** (tier {unfamiliar}, ")
+    out.append(f"**The 2-combination library fails on {what}direct answers) — "
                f"{'reproduced' if poor else 'not reproduced'}: the best data-free method "
                f"({best}) scores {_fmt(cells[best])} against chance {chance:.2f}"
                + ("; no method's interval lies above chance." if poor else "."))
