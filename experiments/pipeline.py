@@ -35,6 +35,7 @@ from lora_limits import data as data_lib
 from lora_limits import evaluate as eval_lib
 from lora_limits import lora as lora_lib
 from lora_limits import tokenizer as tok_lib
+from lora_limits import tree as tree_lib
 from lora_limits import train as train_lib
 from lora_limits.models import transformer
 from lora_limits.recycle import lorahub as lorahub_lib
@@ -220,6 +221,34 @@ class StudyConfig:
     if self.eval_batch_size <= 0:
       raise ValueError(f"eval_batch_size must be > 0, got {self.eval_batch_size}")
     world_settings(self, 0)  # validates the world section now, before any compute
+    check_adapters_fit(self)
+
+
+def check_adapters_fit(cfg: "StudyConfig") -> None:
+  """adapters.targets must match kernels of the base model and adapters.rank fit them.
+
+  Checked on the model's abstract shapes (no compute): our own base with a stand-in
+  vocabulary (targets never match the embedding), or the checkpoint's config.json.
+  """
+  if cfg.model.hf_path:
+    from lora_limits.interop import hf
+    path = pathlib.Path(cfg.model.hf_path)
+    if not (path / "config.json").is_file():
+      raise ValueError(f"model.hf_path={cfg.model.hf_path!r} is not a checkpoint directory "
+                       "with a config.json")
+    model_cfg, _ = hf.config_from_hf(hf.read_config(path)[1], "float32")
+  else:
+    model_cfg = cfg.model.model_config(vocab_size=max(cfg.model.d_model, 8))
+  shapes = jax.eval_shape(lambda: transformer.init(jax.random.key(0), model_cfg))
+  paths = lora_lib.target_paths(shapes, cfg.adapters.targets)
+  if not paths:
+    raise ValueError(f"adapters.targets={cfg.adapters.targets!r} matches no 2-D kernel of the "
+                     "base model")
+  flat = tree_lib.flatten(shapes)
+  limit = min(min(flat[p].shape) for p in paths)
+  if cfg.adapters.rank > limit:
+    raise ValueError(f"adapters.rank={cfg.adapters.rank} exceeds {limit}, the smallest "
+                     "dimension of an adapted kernel")
 
 
 def world_settings(cfg: StudyConfig, seed: int):
@@ -255,15 +284,27 @@ class Base:
   info: dict
 
 
-def _history_writer(path: pathlib.Path, label: str, total: int):
+def _progress(directory: pathlib.Path, label: str, total: int):
+  """A progress line per training run, and `metrics.live.jsonl` to watch while it trains.
+
+  The live file is appended to step by step (a resumed run appends the redone steps again);
+  `metrics.jsonl` is written whole at the end from the history, which a resumed run
+  restores from its checkpoint, and the live file is then removed.
+  """
   progress = common.Progress(label, total, every=2.0)
+  live = directory / "metrics.live.jsonl"
 
   def on_metrics(step: int, metrics: Mapping[str, float]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
+    with open(live, "a", encoding="utf-8") as f:
       f.write(json.dumps(dict(metrics, step=step), sort_keys=True) + "\n")
     progress.update(step, f"loss {metrics['loss']:.3f} exact {metrics['exact_match']:.2f}")
 
   return on_metrics, progress
+
+
+def _write_history(directory: pathlib.Path, history) -> None:
+  common.write_jsonl(directory / "metrics.jsonl", history)
+  (directory / "metrics.live.jsonl").unlink(missing_ok=True)
 
 
 def pretrained_base(cfg: StudyConfig, world: task_common.World, tokenizer, cache: pathlib.Path,
@@ -286,13 +327,13 @@ def pretrained_base(cfg: StudyConfig, world: task_common.World, tokenizer, cache
                               save_every=p.save_every)
   optim = train_lib.OptimConfig(learning_rate=p.learning_rate, warmup_steps=p.warmup_steps,
                                 weight_decay=p.weight_decay)
-  on_metrics, progress = _history_writer(directory / "metrics.jsonl", f"pretrain seed {seed}",
-                                         p.steps)
   directory.mkdir(parents=True, exist_ok=True)
+  on_metrics, progress = _progress(directory, f"pretrain seed {seed}", p.steps)
   start = time.time()
   params, history = train_lib.pretrain(
       model_cfg, corpus_data, optim=optim, loop=loop, checkpoint_dir=str(directory / "ckpt"),
       record={"model": model_cfg.to_dict()}, on_metrics=on_metrics)
+  _write_history(directory, history)
   if info_path.exists():
     info = json.loads(info_path.read_text())
   else:
@@ -366,12 +407,12 @@ def trained_adapter(cfg: StudyConfig, base: Base, world: task_common.World, name
     return float(np.mean(out["exact"])) >= a.stop_accuracy
 
   directory.mkdir(parents=True, exist_ok=True)
-  on_metrics, progress = _history_writer(directory / "metrics.jsonl",
-                                         f"adapter {name} seed {seed}", a.max_steps)
+  on_metrics, progress = _progress(directory, f"adapter {name} seed {seed}", a.max_steps)
   adapter, history, stopped = train_lib.train_lora(
       base.params, base.cfg, a.spec, rows, optim=optim, loop=loop,
       checkpoint_dir=str(directory / "ckpt"), record={"adapter": name}, on_metrics=on_metrics,
       stop_fn=reached)
+  _write_history(directory, history)
   if info_path.exists():
     info = json.loads(info_path.read_text())
   else:
@@ -585,6 +626,38 @@ def run_seed(cfg: StudyConfig, seed: int, cache: pathlib.Path, tokenizer,
   return records
 
 
+def _unit_meta(unit: pathlib.Path) -> pathlib.Path:
+  return unit.with_name(unit.name + ".meta.json")
+
+
+def write_unit(unit: pathlib.Path, records: Sequence[Mapping[str, Any]]) -> None:
+  """One seed's records, then (only once they are on disk) their count and SHA-256."""
+  common.write_jsonl(unit, records)
+  digest = hashlib.sha256(unit.read_bytes()).hexdigest()
+  common.write_json(_unit_meta(unit), {"records": len(records), "sha256": digest})
+
+
+def read_unit(unit: pathlib.Path) -> list[dict[str, Any]] | None:
+  """A finished seed's records; None if the seed never finished (no unit, or no meta yet:
+  the run died between the two writes). A unit that disagrees with its meta is refused."""
+  meta_path = _unit_meta(unit)
+  if not unit.exists() or not meta_path.exists():
+    return None
+  try:
+    meta = json.loads(meta_path.read_text())
+    expected, count = meta["sha256"], meta["records"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{meta_path} is damaged ({e}); delete it and {unit.name} to rerun "
+                     "that seed") from e
+  if hashlib.sha256(unit.read_bytes()).hexdigest() != expected:
+    raise ValueError(f"{unit} does not match its SHA-256 in {meta_path.name} (truncated or "
+                     "edited); delete both to rerun that seed")
+  records = common.read_jsonl(unit)
+  if len(records) != count:
+    raise ValueError(f"{unit} holds {len(records)} records, {meta_path.name} says {count}")
+  return records
+
+
 def run(cfg: StudyConfig, workdir: pathlib.Path) -> pathlib.Path:
   """The whole study; returns the path of `results.jsonl`."""
   start = time.time()
@@ -599,12 +672,13 @@ def run(cfg: StudyConfig, workdir: pathlib.Path) -> pathlib.Path:
   timings: dict[str, float] = {}
   for seed in cfg.seeds:
     unit = workdir / "units" / f"{cfg.task}-seed{seed}.jsonl"
-    if unit.exists():
+    done = read_unit(unit)
+    if done is not None:
       common.log(f"seed {seed}: results already in {unit}; skipping")
-      all_records += common.read_jsonl(unit)
+      all_records += done
       continue
     records = run_seed(cfg, seed, cache, tokenizer, timings)
-    common.write_jsonl(unit, records)
+    write_unit(unit, records)
     all_records += records
   results = workdir / "results.jsonl"
   common.write_jsonl(results, all_records)

@@ -55,6 +55,9 @@ class Checkpointer:
     # Remove it now (orbax's cleanup_tmp_directories option does it in the background).
     for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):
       shutil.rmtree(partial, ignore_errors=True)
+    # ... and a file list killed mid-write leaves `.<step>.json.tmp` (never read).
+    for partial in (self.directory / _FILE_DIGESTS).glob(".*.tmp"):
+      partial.unlink(missing_ok=True)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=False)
     self._manager = ocp.CheckpointManager(self.directory, options=options)

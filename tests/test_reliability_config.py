@@ -251,12 +251,7 @@ def test_the_issue_examples(field, bad, match):
     ("adapters.targets", "no_such_kernel$"),  # matches no kernel: fails after pretraining
     ("model.hf_path", "/no/such/checkpoint"),  # fails when the base is loaded
 ])
-@pytest.mark.xfail(strict=True, reason=(
-    "experiments/pipeline.py checks these only when the model exists: StudyConfig should "
-    "check adapters.rank <= min(d_model, d_ff, head sizes) and that adapters.targets matches "
-    "a kernel of transformer.init's abstract params (jax.eval_shape) when hf_path is '', and "
-    "that hf_path is a directory with config.json otherwise"))
-def test_known_gaps(field, bad):
+def test_model_dependent_fields_are_checked_before_compute(field, bad):
   with pytest.raises(schema.ConfigError, match=field.split(".")[-1]):
     pipeline.parse(with_value(CONFIGS["smoke"].to_dict(), field, bad))
 
