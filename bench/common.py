@@ -10,6 +10,7 @@ matrix-multiply FLOPs (a multiply-add is 2) and, where XLA can tell, `cost_analy
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import importlib.metadata
@@ -37,14 +38,16 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
-  """Seconds per call: median, min, max over `repeats` timed calls (after warm-up), and the
-  first call's seconds (compilation included)."""
+  """Seconds per call: median, min, max over `repeats` timed calls (after warm-up), the first
+  call's seconds (compilation included), and the mean number of cores other processes kept
+  busy during the timed calls of its group (None when not observed)."""
 
   median_s: float
   min_s: float
   max_s: float
   repeats: int
   first_s: float
+  other_cores: float | None = None
 
   def to_dict(self) -> dict[str, float]:
     return dataclasses.asdict(self)
@@ -68,15 +71,35 @@ def measure(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1) -> Timi
                 first if first is not None else times[0])
 
 
+@dataclasses.dataclass(frozen=True)
+class Quiet:
+  """Wait before each timed round until other processes use fewer than `max_cores` cores
+  (checked over `check_s`), at most `timeout_s` per round."""
+
+  max_cores: float
+  timeout_s: float = 60.0
+  check_s: float = 0.3
+
+  def wait(self) -> float:
+    """Seconds waited."""
+    start = time.perf_counter()
+    while other_cpu(self.check_s) >= self.max_cores:
+      if time.perf_counter() - start >= self.timeout_s:
+        break
+      time.sleep(1.0)
+    return time.perf_counter() - start
+
+
 def measure_interleaved(fns: Mapping[str, Callable[[], Any]], *, repeats: int = 3,
-                        budget_s: float | None = None):
+                        budget_s: float | None = None, quiet: Quiet | None = None):
   """Time several contenders side by side: one warm-up call each, then rounds that call each
   in turn, so all of them see the same load on a shared machine. The first round runs under
-  `RssPeak` (the resident-set growth of each call); later rounds are unobserved.
+  `RssPeak` (the resident-set growth of each call); every timed call under `OtherCpu`.
 
   repeats: rounds; with budget_s, fewer when the warm-up calls together took longer than
-  budget_s / repeats (at least one). Returns ({name: result of the warm-up call},
-  {name: Timing}, {name: RSS growth in bytes}).
+  budget_s / repeats (at least one). quiet: wait before each round for other processes to
+  calm down. Returns ({name: result of the warm-up call}, {name: Timing}, {name: RSS growth
+  in bytes}).
   """
   results, first = {}, {}
   for name, fn in fns.items():
@@ -86,22 +109,42 @@ def measure_interleaved(fns: Mapping[str, Callable[[], Any]], *, repeats: int = 
   if budget_s is not None:
     repeats = int(max(1, min(repeats, budget_s // max(sum(first.values()), 1e-9))))
   times: dict[str, list[float]] = {name: [] for name in fns}
+  others: dict[str, list[float]] = {name: [] for name in fns}  # other processes' CPU s
   rss: dict[str, int] = {}
   for r in range(repeats):
+    if quiet is not None:
+      quiet.wait()
     for name, fn in fns.items():
-      if r == 0:
-        with RssPeak() as peak:
-          start = time.perf_counter()
-          fn()
-          times[name].append(time.perf_counter() - start)
-        rss[name] = peak.growth_bytes
-      else:
+      peak = RssPeak() if r == 0 else contextlib.nullcontext()
+      with peak, OtherCpu() as cpu:
         start = time.perf_counter()
         fn()
         times[name].append(time.perf_counter() - start)
-  timings = {name: Timing(statistics.median(t), min(t), max(t), len(t), first[name])
+      others[name].append(cpu.other_seconds)
+      if r == 0:
+        rss[name] = peak.growth_bytes
+  # Other processes' CPU seconds per second of all the timed calls together (clock ticks are
+  # 10 ms, too coarse to split between short calls): the load every contender saw.
+  load = (sum(sum(v) for v in others.values())
+          / max(sum(sum(t) for t in times.values()), 1e-9))
+  timings = {name: Timing(statistics.median(t), min(t), max(t), len(t), first[name], load)
              for name, t in times.items()}
   return results, timings, rss
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+  """torch.set_num_threads(n) inside the block (None: leave torch's default)."""
+  if n is None:
+    yield
+    return
+  import torch
+  default = torch.get_num_threads()
+  torch.set_num_threads(n)
+  try:
+    yield
+  finally:
+    torch.set_num_threads(default)
 
 
 def rss_bytes() -> int:
@@ -283,9 +326,9 @@ class OtherCpu:
   def __exit__(self, *exc) -> None:
     t0, busy0, own0 = self._start
     busy1, own1 = _busy_and_own_ticks()
-    seconds = time.perf_counter() - t0
-    hz = os.sysconf("SC_CLK_TCK")
-    self.cores = max(0.0, ((busy1 - busy0) - (own1 - own0)) / hz / max(seconds, 1e-9))
+    self.seconds = time.perf_counter() - t0
+    self.other_seconds = max(0.0, ((busy1 - busy0) - (own1 - own0)) / os.sysconf("SC_CLK_TCK"))
+    self.cores = self.other_seconds / max(self.seconds, 1e-9)
 
 
 def other_cpu(seconds: float = 3.0) -> float:

@@ -61,7 +61,7 @@ class Options:
   command: str = "python -m bench.run"
   render_only: bool = False
   full_grid: bool = False  # full mode: every C also at the largest examples value (+~15 min)
-  max_other_cores: float | None = None  # wait before each part until others use fewer cores
+  max_other_cores: float | None = None  # wait (each part, each round) for a quieter machine
   wait_timeout_s: float = 1200.0
 
   def __post_init__(self):
@@ -227,16 +227,18 @@ def run(options: Options) -> dict[str, Any]:
 
 def _run_part(part: str, sizes: dict[str, Any], scratch: pathlib.Path,
               options: Options) -> dict[str, Any]:
+  quiet = (None if options.max_other_cores is None
+           else common.Quiet(options.max_other_cores, timeout_s=60.0))
   if part == "scoring":
-    out = scoring.run(sizes["scoring"], scratch / "scoring", log)
+    out = scoring.run(sizes["scoring"], scratch / "scoring", log, quiet)
     out["memory_check"] = scoring.memory_check(sizes["scoring"], scratch / "memory", log=log)
     return out
   if part == "training":
-    return training.run(sizes["training"], scratch / "training", log)
+    return training.run(sizes["training"], scratch / "training", log, quiet)
   if part == "utilisation":
-    return utilisation.run(sizes["utilisation"], scratch / "utilisation", log)
+    return utilisation.run(sizes["utilisation"], scratch / "utilisation", log, quiet)
   if part == "scaling":
-    return scaling.run(sizes["scaling"], log)
+    return scaling.run(sizes["scaling"], log, quiet)
   return e2e(options)
 
 
@@ -257,8 +259,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--e2e_config", default=E2E_CONFIG)
   parser.add_argument("--render_only", action="store_true")
   parser.add_argument("--max_other_cores", type=float, default=None,
-                      help="before each part, wait until other processes use fewer cores "
-                           "than this (e.g. 0.3 on a shared machine)")
+                      help="before each part (up to --wait_timeout_s) and each timed round "
+                           "(up to 60 s), wait until other processes use fewer cores than "
+                           "this (e.g. 0.3 on a shared machine)")
   parser.add_argument("--wait_timeout_s", type=float, default=1200.0)
   parser.add_argument("--full_grid", action="store_true",
                       help="full mode: every C at 128 examples too (about 15 min more)")

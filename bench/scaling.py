@@ -49,8 +49,9 @@ def _model_for(base: transformer.ModelConfig, d_model: int) -> transformer.Model
   return dataclasses.replace(base, d_model=d_model, d_ff=int(round(ratio * d_model)))
 
 
-def _point(sizes: ScalingSizes, cache: dict, *, num_combinations: int, num_adapters: int,
-           rank: int, examples: int, d_model: int, chunk: int | None) -> dict[str, Any]:
+def _point(sizes: ScalingSizes, cache: dict, quiet: common.Quiet | None, *,
+           num_combinations: int, num_adapters: int, rank: int, examples: int, d_model: int,
+           chunk: int | None) -> dict[str, Any]:
   key = (num_adapters, rank, d_model)
   if key not in cache:
     cfg = _model_for(sizes.model, d_model)
@@ -71,7 +72,7 @@ def _point(sizes: ScalingSizes, cache: dict, *, num_combinations: int, num_adapt
         params, adapters, w, batch, cfg=cfg, metric="loss", chunk_size=chunk))
 
   _, timings, rss = common.measure_interleaved({"ours": call}, repeats=sizes.repeats,
-                                               budget_s=sizes.budget_s)
+                                               budget_s=sizes.budget_s, quiet=quiet)
   timing, rss = timings["ours"], rss["ours"]
   stats, plan = evaluate.memory_analysis(params, adapters, w, batch, cfg=cfg,
                                          chunk_size=chunk)
@@ -81,10 +82,11 @@ def _point(sizes: ScalingSizes, cache: dict, *, num_combinations: int, num_adapt
           "plan_chunk": scoring.plan_chunk(params, adapters, num_combinations, batch, cfg),
           "seconds": timing.to_dict(), "combos_per_s": num_combinations / timing.median_s,
           "xla_argument_bytes": int(stats.argument_size_in_bytes),
-          "xla_temp_bytes": int(stats.temp_size_in_bytes), "rss_growth_bytes": rss}
+          "xla_temp_bytes": int(stats.temp_size_in_bytes), "rss_growth_bytes": rss,
+          "other_cores": timing.other_cores}
 
 
-def run(sizes: ScalingSizes, log=print) -> dict[str, Any]:
+def run(sizes: ScalingSizes, log=print, quiet: common.Quiet | None = None) -> dict[str, Any]:
   base = dict(sizes.base)
   cache: dict = {}
   sweeps: dict[str, list[dict[str, Any]]] = {}
@@ -98,7 +100,7 @@ def run(sizes: ScalingSizes, log=print) -> dict[str, Any]:
       runs += [(dict(base, **{dim: value}), None) for value in getattr(sizes, dim)]
     points = []
     for args, chunk in runs:
-      p = _point(sizes, cache, chunk=chunk, **args)
+      p = _point(sizes, cache, quiet, chunk=chunk, **args)
       points.append(p)
       value = p["chunk"] if dim == "chunk" else p[dim]
       log(f"scaling {dim}={value} (N={p['examples']}, C={p['num_combinations']}, "

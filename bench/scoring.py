@@ -15,7 +15,9 @@ Contenders:
 - `jax_loop`: a Python loop dispatching one jitted merge-then-forward call per combination
   (asynchronously; one block at the end: the strongest loop);
 - `peft`: per combination `add_weighted_adapter(..., combination_type='cat')` (exactly
-  Σ_k w_k ΔW_k), `set_adapter`, a no-grad forward, the loss, `delete_adapter`.
+  Σ_k w_k ΔW_k), `set_adapter`, a no-grad forward, the loss, `delete_adapter`; timed on
+  torch's default threads and on one thread (`peft_1thread`: torch's OpenMP threads stall
+  when another process takes a core), and the faster of the two is the PEFT rate.
 
 Timing is interleaved (`common.measure_interleaved`): per (examples, K), ours, the jitted
 loop and PEFT score the same `loop_combinations(...)` combinations side by side (the scores
@@ -206,7 +208,14 @@ def torch_loss(logits, targets, weights):
   return (nll * weights).sum() / torch.clamp(weights.sum(), min=1.0)
 
 
-def peft_loop(model, num_adapters: int, batch, weights_CxK) -> np.ndarray:
+def peft_loop(model, num_adapters: int, batch, weights_CxK,
+              threads: int | None = None) -> np.ndarray:
+  """PEFT's scores of every combination (torch on `threads` threads; None: its default)."""
+  with common.torch_threads(threads):
+    return _peft_loop(model, num_adapters, batch, weights_CxK)
+
+
+def _peft_loop(model, num_adapters: int, batch, weights_CxK) -> np.ndarray:
   import torch
   names = [f"a{k}" for k in range(num_adapters)]
   inputs = torch.from_numpy(np.asarray(batch["inputs"], np.int64))
@@ -242,12 +251,13 @@ def ours_memory(setup: Setup, adapters, batch, weights_CxK, chunk: int | None) -
               setup.cfg, tuple(np.shape(batch["inputs"])), plan.route, adapters)}
 
 
-def run(sizes: ScoringSizes, workdir: pathlib.Path, log=print) -> dict[str, Any]:
+def run(sizes: ScoringSizes, workdir: pathlib.Path, log=print,
+        quiet: common.Quiet | None = None) -> dict[str, Any]:
   """Every cell of the grid. Returns {'loops': per (examples, K): the loops' rates and the
   agreement of all contenders on the loops' combinations; 'cells': per (examples, K, C):
   the one-call variants' rates, memory and ratios}."""
   k_max = max(sizes.num_adapters)
-  budget = {"repeats": sizes.repeats, "budget_s": sizes.budget_s}
+  budget = {"repeats": sizes.repeats, "budget_s": sizes.budget_s, "quiet": quiet}
   setup = make_setup(sizes.model, k_max, sizes.rank, sizes.alpha, sizes.seed, workdir)
   torch_model = peft_model(setup) if sizes.peft else None
   loops, cells = [], []
@@ -265,6 +275,7 @@ def run(sizes: ScoringSizes, workdir: pathlib.Path, log=print) -> dict[str, Any]
              "jax_loop": lambda: jax_loop(setup, stacked, batch, w_loop_j)}
       if torch_model is not None:
         fns["peft"] = lambda: peft_loop(torch_model, k, batch_np, w_loop)
+        fns["peft_1thread"] = lambda: peft_loop(torch_model, k, batch_np, w_loop, threads=1)
       scores, timings, rss = common.measure_interleaved(fns, **budget)
       for name in fns:
         loop[name] = _entry(timings[name], n_loop, rss[name])
@@ -272,7 +283,8 @@ def run(sizes: ScoringSizes, workdir: pathlib.Path, log=print) -> dict[str, Any]
       loop["scores"] = {name: v.tolist() for name, v in scores.items()}
       log(f"scoring N={n_examples} K={k} on {n_loop} combinations: " + ", ".join(
           f"{n} {loop[n]['combos_per_s']:.1f}" for n in fns)
-          + f" combos/s; max |d loss| vs ours {loop['agreement']['max_abs_diff']:.1e}")
+          + f" combos/s; max |d loss| vs ours {loop['agreement']['max_abs_diff']:.1e}; other "
+          f"processes {timings['ours'].other_cores:.2f} cores")
       loops.append(loop)
       for c in cs:
         w = make_weights(c, k, sizes.seed)
@@ -289,13 +301,16 @@ def run(sizes: ScoringSizes, workdir: pathlib.Path, log=print) -> dict[str, Any]
         cell["dense_map"] = _entry(timings["dense_map"], c, rss["dense_map"], chunk=chunk)
         cell["jax_loop"] = _entry(timings["jax_loop"], n_loop, rss["jax_loop"])
         if "peft" in loop:
-          cell["peft"] = {"combos_per_s": loop["peft"]["combos_per_s"], "combos": n_loop,
+          best = max(("peft", "peft_1thread"), key=lambda n: loop[n]["combos_per_s"])
+          cell["peft"] = {"combos_per_s": loop[best]["combos_per_s"], "combos": n_loop,
+                          "variant": best,
                           "timed_with": "the loops' measurement of this (examples, K)"}
         cell["agreement"] = agreement({"ours": scores["ours"], "dense_map": scores["dense_map"]})
         cell["ratios"] = ratios(cell)
         log(f"scoring N={n_examples} K={k} C={c}: " + ", ".join(
             f"{n} {cell[n]['combos_per_s']:.1f}" for n in CONTENDERS if n in cell)
-            + f" combos/s (chunk {chunk})")
+            + f" combos/s (chunk {chunk}; other processes "
+            f"{timings['ours'].other_cores:.2f} cores)")
         cells.append(cell)
   return {"sizes": _sizes_dict(sizes), "agreement_atol": AGREEMENT_ATOL, "loops": loops,
           "cells": cells}

@@ -112,10 +112,12 @@ class OurTrainer:
 class TorchTrainer:
   """The transformers model (full) or PEFT model (LoRA) with fused AdamW and the same loss."""
 
-  def __init__(self, base_dir: pathlib.Path, adapter_dir: pathlib.Path | None, batch):
+  def __init__(self, base_dir: pathlib.Path, adapter_dir: pathlib.Path | None, batch,
+               threads: int | None = None):
     import peft
     import torch
     import transformers
+    self.threads = threads  # None: torch's default (torch.get_num_threads())
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
     if adapter_dir is not None:
       with warnings.catch_warnings():
@@ -133,6 +135,10 @@ class TorchTrainer:
     self.num_trainable = sum(p.numel() for p in self.params)
 
   def steps(self, n: int) -> list[float]:
+    with common.torch_threads(self.threads):
+      return self._steps(n)
+
+  def _steps(self, n: int) -> list[float]:
     import torch
     losses = []
     for _ in range(n):
@@ -198,7 +204,8 @@ def profile_step(trainer: "OurTrainer", steps: int, directory: pathlib.Path) -> 
 
 
 def run_model(name: str, cfg: transformer.ModelConfig, sizes: TrainingSizes,
-              workdir: pathlib.Path, log=print) -> dict[str, Any]:
+              workdir: pathlib.Path, log=print,
+              quiet: common.Quiet | None = None) -> dict[str, Any]:
   """Both sides, LoRA and full, on one model, timed side by side."""
   key = jax.random.key(sizes.seed)
   params = transformer.init(jax.random.fold_in(key, 0), cfg)
@@ -217,12 +224,13 @@ def run_model(name: str, cfg: transformer.ModelConfig, sizes: TrainingSizes,
   if sizes.torch:
     trainers["torch_lora"] = TorchTrainer(base_dir, adapter_dir, batch)
     trainers["torch_full"] = TorchTrainer(base_dir, None, batch)
+    trainers["torch_lora_1thread"] = TorchTrainer(base_dir, adapter_dir, batch, threads=1)
   check = {n: t.steps(sizes.check_steps) for n, t in trainers.items()}
   _, timings, rss = common.measure_interleaved(
       {n: (lambda t=t: t.steps(sizes.steps)) for n, t in trainers.items()},
-      repeats=sizes.repeats)
+      repeats=sizes.repeats, quiet=quiet)
   for n, trainer in trainers.items():
-    kind = n.split("_")[1]
+    kind = n.split("_")[1]  # 'lora' or 'full'
     step_s = timings[n].median_s / sizes.steps
     flops = common.train_step_flops(cfg, sizes.batch_size, sizes.seq_len, kind=kind,
                                     lora_rank=sizes.rank)
@@ -236,10 +244,13 @@ def run_model(name: str, cfg: transformer.ModelConfig, sizes: TrainingSizes,
                    gflops_per_s_xla=common.gflops(flops_xla, step_s) if flops_xla else None,
                    xla_memory=common.xla_memory(trainer.compiled))
     else:
-      entry["trainable_params"] = trainer.num_trainable
+      import torch
+      entry.update(trainable_params=trainer.num_trainable,
+                   threads=trainer.threads or torch.get_num_threads())
     out[n] = entry
     log(f"training {name} {n}: {step_s * 1e3:.1f} ms/step, {entry['tokens_per_s']:.0f} "
-        f"tokens/s, {entry['gflops_per_s_analytic']:.1f} GFLOP/s (matmul count)")
+        f"tokens/s, {entry['gflops_per_s_analytic']:.1f} GFLOP/s (matmul count); other "
+        f"processes {timings[n].other_cores:.2f} cores")
   if sizes.profile:
     out["profile"] = {n: profile_step(trainers[n], sizes.steps, workdir / f"trace-{name}-{n}")
                       for n in ("ours_lora", "ours_full")}
@@ -260,8 +271,10 @@ def ratios(out: dict[str, Any]) -> dict[str, float]:
        "ideal_lora/full_flops": out["ours_lora"]["flops_analytic"]
        / out["ours_full"]["flops_analytic"]}
   if "torch_lora" in out:
-    r["ours_lora/torch_lora_tokens_per_s"] = (out["ours_lora"]["tokens_per_s"]
-                                              / out["torch_lora"]["tokens_per_s"])
+    # torch + PEFT at its faster thread setting (default threads or one thread)
+    torch_best = max(out[n]["tokens_per_s"] for n in ("torch_lora", "torch_lora_1thread")
+                     if n in out)
+    r["ours_lora/torch_lora_tokens_per_s"] = out["ours_lora"]["tokens_per_s"] / torch_best
     r["ours_full/torch_full_tokens_per_s"] = (out["ours_full"]["tokens_per_s"]
                                               / out["torch_full"]["tokens_per_s"])
     r["torch_lora_step/torch_full_step"] = (out["torch_lora"]["step_s"]
@@ -269,8 +282,10 @@ def ratios(out: dict[str, Any]) -> dict[str, float]:
   return r
 
 
-def run(sizes: TrainingSizes, workdir: pathlib.Path, log=print) -> dict[str, Any]:
-  models = {name: run_model(name, cfg, sizes, workdir, log) for name, cfg in sizes.models}
+def run(sizes: TrainingSizes, workdir: pathlib.Path, log=print,
+        quiet: common.Quiet | None = None) -> dict[str, Any]:
+  models = {name: run_model(name, cfg, sizes, workdir, log, quiet)
+            for name, cfg in sizes.models}
   d = dataclasses.asdict(sizes)
   d["models"] = [[name, cfg.to_dict()] for name, cfg in sizes.models]
   return {"sizes": d, "models": models}

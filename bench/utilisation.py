@@ -128,12 +128,36 @@ def _one_combination_flops(fn, *args) -> float | None:
   return common.xla_flops(jax.jit(fn).lower(*args).compile())
 
 
+def matmul_probe(n: int, seconds: float = 0.1):
+  """(fn, FLOPs per fn call): a batch of jitted n×n float32 matmuls lasting about `seconds`,
+  timed alongside a workload so its fraction of peak compares like with like."""
+  dot = jax.jit(jnp.dot)
+  a = jax.random.normal(jax.random.key(4), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(5), (n, n), jnp.float32)
+  dot(a, b).block_until_ready()
+  start = time.perf_counter()
+  dot(a, b).block_until_ready()
+  calls = int(max(1, seconds // max(time.perf_counter() - start, 1e-6)))
+
+  def fn():
+    jax.block_until_ready([dot(a, b) for _ in range(calls)])
+
+  return fn, 2.0 * n ** 3 * calls
+
+
+def _fractions(gflops_per_s: float, peak: float, concurrent: float) -> dict[str, float]:
+  return {"fraction_of_peak": gflops_per_s / peak,
+          "fraction_of_concurrent_matmul": gflops_per_s / concurrent}
+
+
 def scoring_utilisation(sizes: UtilisationSizes, workdir: pathlib.Path, peak: float,
-                        log=print) -> list[dict[str, Any]]:
-  """Achieved GFLOP/s of each JAX scorer at each (examples, C) point."""
+                        log=print, quiet: common.Quiet | None = None) -> list[dict[str, Any]]:
+  """Achieved GFLOP/s of each JAX scorer at each (examples, C) point, timed side by side
+  with a square matmul (the 'concurrent' matmul rate)."""
   k = sizes.num_adapters
   setup = scoring.make_setup(sizes.model, k, sizes.rank, 16.0, sizes.seed, workdir)
   stacked = lora_lib.stack(setup.adapters)
+  probe, probe_flops = matmul_probe(min(max(sizes.square), 1024))
   out = []
   for n_examples, c in sizes.scoring_points:
     batch = {key: jnp.asarray(v) for key, v in scoring.make_batch(
@@ -154,26 +178,33 @@ def scoring_utilisation(sizes: UtilisationSizes, workdir: pathlib.Path, peak: fl
         "dense_map": ("dense", lambda: scoring.dense_map(setup, stacked, batch, w_j, chunk)),
         "jax_loop": ("dense", lambda: scoring.jax_loop(setup, stacked, batch, w_list)),
     }
+    _, timings, _ = common.measure_interleaved(
+        {**{n: fn for n, (_, fn) in runs.items()}, "matmul": probe}, repeats=sizes.repeats,
+        quiet=quiet)
+    concurrent = common.gflops(probe_flops, timings["matmul"].median_s)
     point: dict[str, Any] = {"examples": n_examples, "num_combinations": c, "num_adapters": k,
-                             "chunk": chunk,
+                             "chunk": chunk, "concurrent_matmul_gflops_per_s": concurrent,
+                             "other_cores": timings["ours"].other_cores,
                              "flops_per_combination_analytic": flops,
                              "flops_per_combination_xla": xla}
-    _, timings, _ = common.measure_interleaved({n: fn for n, (_, fn) in runs.items()},
-                                               repeats=sizes.repeats)
     for name, (route, _) in runs.items():
       timing = timings[name]
       rate = common.gflops(c * flops[route], timing.median_s)
       point[name] = {"route": route, "combos_per_s": c / timing.median_s,
-                     "gflops_per_s": rate, "fraction_of_peak": rate / peak,
+                     "gflops_per_s": rate, **_fractions(rate, peak, concurrent),
                      "useful_gflops_per_s": common.gflops(c * flops["dense"], timing.median_s)}
     log(f"utilisation scoring N={n_examples} C={c}: " + ", ".join(
         f"{n} {point[n]['gflops_per_s']:.0f} GFLOP/s ({100 * point[n]['fraction_of_peak']:.0f}%)"
-        for n in runs))
+        for n in runs) + f"; concurrent matmul {concurrent:.0f} GFLOP/s; other processes "
+        f"{point['other_cores']:.2f} cores")
     out.append(point)
   return out
 
 
-def train_utilisation(sizes: UtilisationSizes, peak: float, log=print) -> dict[str, Any]:
+def train_utilisation(sizes: UtilisationSizes, peak: float, log=print,
+                      quiet: common.Quiet | None = None) -> dict[str, Any]:
+  """Achieved GFLOP/s of our LoRA and full train steps, timed side by side with a matmul."""
+  probe, probe_flops = matmul_probe(min(max(sizes.square), 1024))
   out = {}
   for name, cfg in sizes.train_models:
     key = jax.random.key(sizes.seed)
@@ -185,30 +216,37 @@ def train_utilisation(sizes: UtilisationSizes, peak: float, log=print) -> dict[s
     trainers = {kind: training.OurTrainer(cfg, params, adapter, batch, kind, sizes.seed)
                 for kind in ("lora", "full")}
     _, timings, _ = common.measure_interleaved(
-        {kind: (lambda t=t: t.steps(sizes.train_steps)) for kind, t in trainers.items()},
-        repeats=sizes.repeats)
+        {**{kind: (lambda t=t: t.steps(sizes.train_steps)) for kind, t in trainers.items()},
+         "matmul": probe}, repeats=sizes.repeats, quiet=quiet)
+    concurrent = common.gflops(probe_flops, timings["matmul"].median_s)
     for kind, trainer in trainers.items():
       step_s = timings[kind].median_s / sizes.train_steps
       analytic = common.train_step_flops(cfg, sizes.batch_size, sizes.seq_len, kind=kind,
                                          lora_rank=sizes.rank)
       xla = common.xla_flops(trainer.compiled)
+      rate = common.gflops(analytic, step_s)
+      rate_xla = common.gflops(xla, step_s) if xla else None
       out[name][kind] = {
           "step_s": step_s, "flops_analytic": analytic, "flops_xla": xla,
-          "gflops_per_s_analytic": common.gflops(analytic, step_s),
-          "gflops_per_s_xla": common.gflops(xla, step_s) if xla else None,
-          "fraction_of_peak_analytic": common.gflops(analytic, step_s) / peak,
-          "fraction_of_peak_xla": common.gflops(xla, step_s) / peak if xla else None}
-      log(f"utilisation train {name} {kind}: {step_s * 1e3:.1f} ms/step, "
-          f"{out[name][kind]['gflops_per_s_analytic']:.0f} GFLOP/s analytic "
-          f"({100 * out[name][kind]['fraction_of_peak_analytic']:.0f}% of peak)")
+          "gflops_per_s_analytic": rate, "gflops_per_s_xla": rate_xla,
+          "fraction_of_peak_analytic": rate / peak,
+          "fraction_of_peak_xla": rate_xla / peak if xla else None,
+          "fraction_of_concurrent_matmul_analytic": rate / concurrent,
+          "concurrent_matmul_gflops_per_s": concurrent,
+          "other_cores": timings[kind].other_cores}
+      log(f"utilisation train {name} {kind}: {step_s * 1e3:.1f} ms/step, {rate:.0f} GFLOP/s "
+          f"analytic ({100 * rate / peak:.0f}% of peak, {100 * rate / concurrent:.0f}% of the "
+          f"concurrent matmul {concurrent:.0f}); other processes "
+          f"{timings[kind].other_cores:.2f} cores")
   return out
 
 
-def run(sizes: UtilisationSizes, workdir: pathlib.Path, log=print) -> dict[str, Any]:
+def run(sizes: UtilisationSizes, workdir: pathlib.Path, log=print,
+        quiet: common.Quiet | None = None) -> dict[str, Any]:
   peak = matmul_peak(sizes, log)
   result = {"matmul": peak}
-  result["train"] = train_utilisation(sizes, peak["peak_gflops"], log)
-  result["scoring"] = scoring_utilisation(sizes, workdir, peak["peak_gflops"], log)
+  result["train"] = train_utilisation(sizes, peak["peak_gflops"], log, quiet)
+  result["scoring"] = scoring_utilisation(sizes, workdir, peak["peak_gflops"], log, quiet)
   d = dataclasses.asdict(sizes)
   d["model"] = sizes.model.to_dict()
   d["train_models"] = [[n, c.to_dict()] for n, c in sizes.train_models]
