@@ -24,7 +24,7 @@ def get_config(variant: str = "") -> config_dict.ConfigDict:
       background_exposure=4, fact_exposure=8, hybrid="background", filler_two_hop=True))
   c.model = config_dict.ConfigDict(dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=0,
                                         d_ff=192, max_len=64, tie_embeddings=True, hf_path=""))
-  c.pretrain = config_dict.ConfigDict(dict(steps=1500, batch_size=64, learning_rate=3e-3,
+  c.pretrain = config_dict.ConfigDict(dict(steps=2500, batch_size=64, learning_rate=3e-3,
                                            warmup_steps=50, weight_decay=0.0, save_every=500))
   c.adapters = config_dict.ConfigDict(dict(
       rank=8, alpha=16.0, targets=pipeline.AdapterSection.targets, rslora=False, dropout=0.0,

@@ -103,7 +103,7 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class PretrainSection:
-  steps: int = 1500
+  steps: int = 2500
   batch_size: int = 64
   learning_rate: float = 3e-3
   warmup_steps: int = 50

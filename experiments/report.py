@@ -1,7 +1,7 @@
 """`python -m experiments.report W`: report.md and figures from W/results.jsonl alone.
 
-Aggregates the tidy records over seeds (mean and a 95% interval: Student t over seeds when
-there are several, Wilson over the pooled examples when there is one), draws
+Aggregates the tidy records over seeds (mean and a 95% interval: the wider of Student t over
+seeds and Wilson over the pooled examples), draws
 figure (a) library-level vs expert-level accuracy on tier H by method and figure (b)
 accuracy by familiarity tier for each recycling method, with chance lines and intervals,
 and writes a "what this shows" paragraph computed from the numbers.
@@ -56,11 +56,14 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> dict[tuple, dict[str, Any
   for key, rs in groups.items():
     acc = np.array([r["accuracy"] for r in rs], float)
     mean = float(acc.mean())
+    n_total = int(sum(r["n"] for r in rs))
+    pooled = float(sum(r["accuracy"] * r["n"] for r in rs)) / max(n_total, 1)
+    lo, hi = wilson(pooled, n_total)
     if len(rs) >= 2:
+      # Seeds vary world, init and data order: the t-interval over seeds carries that
+      # variance; the pooled Wilson interval keeps it honest when the seeds happen to agree.
       half = t_quantile(len(rs) - 1) * float(acc.std(ddof=1)) / math.sqrt(len(rs))
-      lo, hi = max(0.0, mean - half), min(1.0, mean + half)
-    else:
-      lo, hi = wilson(mean, int(rs[0]["n"]))
+      lo, hi = min(lo, max(0.0, mean - half)), max(hi, min(1.0, mean + half))
     chance = [r["chance"] for r in rs if r.get("chance") is not None]
     bridge = [r["bridge_accuracy"] for r in rs if r.get("bridge_accuracy") is not None]
     out[key] = {"mean": mean, "lo": lo, "hi": hi, "seeds": len(rs),
@@ -355,7 +358,8 @@ def write_report(workdir: pathlib.Path, results: pathlib.Path | None = None) -> 
   seeds = sorted({r["seed"] for r in records})
   lines = [f"# lora-limits report", "",
            f"From `{results.name}` ({len(records)} records, seeds {seeds}). Cells: mean exact "
-           "match [95% interval] — Student t over seeds, or Wilson over examples for one seed. "
+           "match [95% interval] — the wider of the Student t interval over seeds and the "
+           "Wilson interval over the pooled examples (Wilson alone for one seed). "
            "`*` marks methods that are not data-free (they use data beyond the adapters: "
            "LoraHub few-shot examples, similarity centroids, or the oracle's gold labels). "
            "Regenerate with `python -m experiments.report <workdir>`.", ""]
