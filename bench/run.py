@@ -63,6 +63,7 @@ class Options:
   full_grid: bool = False  # full mode: every C also at the largest examples value (+~15 min)
   max_other_cores: float | None = None  # wait (each part, each round) for a quieter machine
   wait_timeout_s: float = 1200.0
+  round_timeout_s: float = 120.0  # the longest wait for quiet before one timed round
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -163,6 +164,7 @@ def e2e(options: Options) -> dict[str, Any]:
     config = json.loads(config_path.read_text())
     seeds = config.get("seeds") or []
     out["config"] = {k: config.get(k) for k in ("study", "task", "seeds") if k in config}
+    out["config"]["pretrain_steps"] = (config.get("pretrain") or {}).get("steps")
     stages = [s for s in timings if s != "total"]
     out["complete"] = all(any(s.startswith(f"seed {seed}:") for s in stages) for seed in seeds)
   if ran is not None:
@@ -228,7 +230,7 @@ def run(options: Options) -> dict[str, Any]:
 def _run_part(part: str, sizes: dict[str, Any], scratch: pathlib.Path,
               options: Options) -> dict[str, Any]:
   quiet = (None if options.max_other_cores is None
-           else common.Quiet(options.max_other_cores, timeout_s=60.0))
+           else common.Quiet(options.max_other_cores, timeout_s=options.round_timeout_s))
   if part == "scoring":
     out = scoring.run(sizes["scoring"], scratch / "scoring", log, quiet)
     out["memory_check"] = scoring.memory_check(sizes["scoring"], scratch / "memory", log=log)
@@ -262,7 +264,10 @@ def main(argv: list[str] | None = None) -> None:
                       help="before each part (up to --wait_timeout_s) and each timed round "
                            "(up to 60 s), wait until other processes use fewer cores than "
                            "this (e.g. 0.3 on a shared machine)")
-  parser.add_argument("--wait_timeout_s", type=float, default=1200.0)
+  parser.add_argument("--wait_timeout_s", type=float, default=1200.0,
+                      help="the longest wait for quiet before a part")
+  parser.add_argument("--round_timeout_s", type=float, default=120.0,
+                      help="the longest wait for quiet before one timed round")
   parser.add_argument("--full_grid", action="store_true",
                       help="full mode: every C at 128 examples too (about 15 min more)")
   args = parser.parse_args(argv)
@@ -275,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
                     e2e_workdir=pathlib.Path(args.e2e_workdir), e2e_run=args.e2e_run,
                     e2e_config=args.e2e_config, command=command.strip(),
                     render_only=args.render_only, full_grid=args.full_grid,
-                    max_other_cores=args.max_other_cores, wait_timeout_s=args.wait_timeout_s)
+                    max_other_cores=args.max_other_cores, wait_timeout_s=args.wait_timeout_s,
+                    round_timeout_s=args.round_timeout_s)
   try:
     import transformers
     transformers.utils.logging.disable_progress_bar()

@@ -280,6 +280,9 @@ def run(sizes: ScoringSizes, workdir: pathlib.Path, log=print,
       for name in fns:
         loop[name] = _entry(timings[name], n_loop, rss[name])
       loop["agreement"] = agreement(scores)
+      # What score_combinations redoes on every call before its compiled program runs.
+      loop["stack_adapters_s"] = common.measure(
+          lambda: jax.block_until_ready(lora_lib.stack(adapters)), repeats=5).median_s
       loop["scores"] = {name: v.tolist() for name, v in scores.items()}
       log(f"scoring N={n_examples} K={k} on {n_loop} combinations: " + ", ".join(
           f"{n} {loop[n]['combos_per_s']:.1f}" for n in fns)
