@@ -412,7 +412,7 @@ def _utilisation_section(part: dict[str, Any]) -> list[str]:
     return f"{_f(e['best'])} ({_f(e['median'])})" if e else "—"
 
   rows = [[f"{n}×{n}", rate(e.get("jax")), rate(e.get("numpy")), rate(e.get("torch"))]
-          for n, e in mm.get("square", {}).items()]
+          for n, e in sorted(mm.get("square", {}).items(), key=lambda kv: int(kv[0]))]
   rows += [[f"model shape {k}", rate(e), "", ""] for k, e in mm.get("model_shapes", {}).items()]
   out += ["Float32 matmul GFLOP/s, best (median) of the repeats; 2mkn FLOPs; 'model shape' rows "
           "are the utilisation model's own matmuls, [tokens × d_in] × [d_in × d_out]:", "",
@@ -466,9 +466,11 @@ def _scaling_section(part: dict[str, Any], rel) -> list[str]:
          "each (examples, C) point to check the plan's choice. Memory: XLA arguments + temps "
          "of the compiled plan; the resident-set growth during the timed calls.", "",
          f"![scaling]({rel('scaling.png')})", ""]
+  from bench import scaling
   rows = []
-  for dim, points in part.get("sweeps", {}).items():
-    for p in points:
+  sweeps = part.get("sweeps", {})
+  for dim in [d for d in scaling.DIMENSIONS if d in sweeps]:
+    for p in sweeps[dim]:
       rows.append([dim, p["chunk"] if dim == "chunk" else p[dim], p["examples"],
                    p["num_combinations"], p["chunk"], p["plan_chunk"],
                    _f(p["seconds"]["median_s"] * 1e3), _f(p["combos_per_s"]),
@@ -480,18 +482,33 @@ def _scaling_section(part: dict[str, Any], rel) -> list[str]:
 
 
 def _e2e_section(part: dict[str, Any]) -> list[str]:
-  out = ["## 5. End to end (`make run`)", "", _measured(part), ""]
+  m = part.get("measured", {})
+  out = ["## 5. End to end (`make run`)", "",
+         f"*Read {m.get('date_utc')} by `{m.get('command')}`; the load on the machine while the "
+         "pipeline ran was not recorded.*", ""]
   if not part.get("found"):
     return out + [part.get("note", "not measured"), ""]
-  stages = part["stages"]
-  out += [f"Stage wall times from `{part['workdir']}/timings.json` (written "
+  stages = dict(part["stages"])
+  total = stages.pop("total", None)
+  seeds, kinds = [], []
+  for name in stages:
+    seed, _, kind = name.partition(": ")
+    seeds += [seed] if seed not in seeds else []
+    kinds += [kind] if kind not in kinds else []
+  order = ["world", "base model", "adapters", "recycling", "evaluation"]
+  kinds.sort(key=lambda k: order.index(k) if k in order else len(order))
+  seeds.sort()
+  out += [f"Stage wall times (seconds) from `{part['workdir']}/timings.json` (written "
           f"{part.get('timings_mtime')}; config {part.get('config')}"
           + ("" if part.get("complete", True) else
              "; **partial: some seeds were resumed from earlier results**") + ")"
           + (f"; run by `{part['ran']['command']}` in {_f(part['ran']['wall_s'])} s wall"
              if part.get("ran") else "") + ":", ""]
-  rows = [[name, _f(s), _f(s / 60, 2)] for name, s in stages.items()]
-  out += [_table(["stage", "seconds", "minutes"], rows), ""]
+  rows = [[k] + [_f(stages.get(f"{s}: {k}")) for s in seeds]
+          + [_f(sum(stages.get(f"{s}: {k}", 0.0) for s in seeds))] for k in kinds]
+  rows.append(["**total** (all stages, tokenizer and report included)"] + [""] * len(seeds)
+              + [f"**{_f(total)} s = {_f(total / 60 if total else None, 2)} min**"])
+  out += [_table(["stage"] + seeds + ["all seeds"], rows), ""]
   return out
 
 
@@ -532,10 +549,19 @@ def _analysis(results: dict[str, Any]) -> list[str]:
             f"{pts[0]['plan_chunk']}"
             + (f" ({_pct(planned[0]['combos_per_s'] / best['combos_per_s'])} of the best rate)."
                if planned else "."))
-    if best["chunk"] < worst["chunk"]:
-      line += (" Vmapping more combinations together does not make the matmuls faster on this "
-               "CPU; it makes every intermediate (activations, logits, log-softmax) larger than "
-               "the caches.")
+    one = min(pts, key=lambda p: p["chunk"])
+    big = max(pts, key=lambda p: p["chunk"])
+    if best["chunk"] != one["chunk"]:
+      line += (f" Vmapping combinations together gains {_x(best['combos_per_s'] / one['combos_per_s'])}"
+               f" over one at a time (chunk {one['chunk']}) at best")
+    else:
+      line += " One combination at a time is fastest here"
+    if big["chunk"] != best["chunk"]:
+      line += (f"; the largest chunk ({big['chunk']}) runs at "
+               f"{_pct(big['combos_per_s'] / best['combos_per_s'])} of the best, its "
+               "intermediates (activations, logits, log-softmax) far larger than the caches.")
+    else:
+      line += "."
     out.append(line)
   cells = parts.get("scoring", {}).get("cells", [])
   padded = [c for c in cells if c["ours"].get("padded", 0) > 1.1 * c["num_combinations"]]
@@ -557,6 +583,20 @@ def _analysis(results: dict[str, Any]) -> list[str]:
             for lp in stacks if lp["examples"] == stacks[0]["examples"])
         + " — comparable to scoring a handful of few-shot combinations, so it shows at small "
         "C. A caller scoring many batches could pass the stack once.")
+  phases = [lp for lp in parts.get("scoring", {}).get("loops", []) if "peft_phases" in lp]
+  if phases:
+    out.append(
+        "- **Where the PEFT loop's time goes** (ms per combination: building the 'cat' adapter "
+        "/ forward + loss / deleting it; then ours, ms per combination): " + "; ".join(
+            f"{lp['examples']} examples, K = {lp['num_adapters']}: "
+            f"{_f(lp['peft_phases']['build_s'] * 1e3)} / "
+            f"{_f(lp['peft_phases']['forward_s'] * 1e3)} / "
+            f"{_f(lp['peft_phases']['delete_s'] * 1e3)}; ours "
+            f"{_f(1e3 / lp['ours']['combos_per_s'])}" for lp in phases)
+        + ". Building and deleting the adapter take "
+        + _range([(lp["peft_phases"]["build_s"] + lp["peft_phases"]["delete_s"])
+                  / sum(lp["peft_phases"].values()) for lp in phases], _pct)
+        + " of PEFT's time per combination in these groups; the rest is its forward.")
   util = parts.get("utilisation", {})
   mm = util.get("matmul", {})
   loops = parts.get("scoring", {}).get("loops", [])
@@ -568,10 +608,17 @@ def _analysis(results: dict[str, Any]) -> list[str]:
             f"few-shot combination takes {_f(min(per))}–{_f(max(per))} µs in the jitted loop, "
             f"so dispatch is at most {_pct(share)} of the loop's time.")
     if share < 0.2:
-      line += (" The loop is compute-bound already: one compiled call can beat it only by "
-               "doing each combination's arithmetic faster, which batching combinations does "
-               "not (chunk sweep above). The 5× and 20× few-shot targets assume a per-call "
-               "overhead that asynchronous dispatch of one jitted function does not have here.")
+      gains = []
+      for n in sorted({p["examples"] for p in chunk_pts}):
+        pts = [p for p in chunk_pts if p["examples"] == n]
+        one = min(pts, key=lambda p: p["chunk"])
+        gains.append(f"{_x(max(p['combos_per_s'] for p in pts) / one['combos_per_s'])} with "
+                     f"{n} examples")
+      line += (" The loop is compute-bound already, so one compiled call can beat it only by "
+               "doing each combination's arithmetic faster; batching combinations buys at most "
+               + (", ".join(gains) if gains else "little") + " over one at a time (chunk "
+               "sweep). The 5× and 20× few-shot targets assume a per-call overhead that the "
+               "asynchronous dispatch of one jitted function does not have here.")
     out.append(line)
   for p in util.get("scoring", []):
     f = p["flops_per_combination_analytic"]
@@ -623,7 +670,10 @@ def render(results: dict[str, Any], figures_dir: pathlib.Path, markdown_path: pa
          "`python -m bench.run --parts=<part>` (one part, merged into the existing results). "
          "Benchmarks are not tests: `make test` only checks that the harness runs "
          "(`tests/test_bench_smoke.py`).", "",
-         f"Command: `{results.get('command')}` (mode {results.get('mode')}). Machine:", "",
+         "Commands (mode " + str(results.get("mode")) + "; each part below names its own): "
+         + ", ".join(f"`{c}`" for c in dict.fromkeys(
+             p["measured"]["command"] for p in parts.values() if "measured" in p))
+         + ". Machine, at the latest of them:", "",
          _machine(results), "",
          "Every part below states its own date, command and how many cores other processes "
          "kept busy while it ran (from /proc/stat), and every table gives that figure for its "

@@ -156,7 +156,8 @@ def e2e(options: Options) -> dict[str, Any]:
     return {"workdir": str(workdir), "found": False,
             "note": f"no {path}; run `make run` (or pass --e2e_run) first"}
   timings = json.loads(path.read_text())
-  out: dict[str, Any] = {"workdir": str(workdir), "found": True, "stages": timings,
+  shown = os.path.relpath(workdir, common.REPO) if workdir.is_absolute() else str(workdir)
+  out: dict[str, Any] = {"workdir": shown, "found": True, "stages": timings,
                          "timings_mtime": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(
                              path.stat().st_mtime))}
   config_path = workdir / "config.json"
@@ -212,7 +213,8 @@ def run(options: Options) -> dict[str, Any]:
         results["parts"][part] = out
         log(f"part {part}: done in {time.time() - start:.0f}s; other processes kept "
             f"{others.cores:.2f} cores busy meanwhile")
-  results["command"] = options.command
+  if not options.render_only:
+    results["command"] = options.command
   results["targets"] = report.targets(results)
   results = common.round_floats(results)
   results_path.parent.mkdir(parents=True, exist_ok=True)

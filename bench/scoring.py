@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
+import time
 import warnings
 from typing import Any
 
@@ -233,6 +234,32 @@ def _peft_loop(model, num_adapters: int, batch, weights_CxK) -> np.ndarray:
   return np.asarray(out, np.float32)
 
 
+def peft_phases(model, num_adapters: int, batch, weights_CxK) -> dict[str, float]:
+  """Seconds per combination that the PEFT loop spends building the 'cat' adapter
+  (add_weighted_adapter + set_adapter), in the forward + loss, and deleting it."""
+  import torch
+  names = [f"a{k}" for k in range(num_adapters)]
+  inputs = torch.from_numpy(np.asarray(batch["inputs"], np.int64))
+  targets = torch.from_numpy(np.asarray(batch["targets"], np.int64))
+  weights = torch.from_numpy(np.asarray(batch["weights"], np.float32))
+  spent = {"build_s": 0.0, "forward_s": 0.0, "delete_s": 0.0}
+  with torch.no_grad():
+    for w in np.asarray(weights_CxK):
+      t0 = time.perf_counter()
+      model.add_weighted_adapter(names, [float(x) for x in w], "combo", combination_type="cat")
+      model.set_adapter("combo")
+      t1 = time.perf_counter()
+      float(torch_loss(model(input_ids=inputs).logits, targets, weights))
+      t2 = time.perf_counter()
+      model.set_adapter("a0")
+      model.delete_adapter("combo")
+      t3 = time.perf_counter()
+      spent["build_s"] += t1 - t0
+      spent["forward_s"] += t2 - t1
+      spent["delete_s"] += t3 - t2
+  return {k: v / len(weights_CxK) for k, v in spent.items()}
+
+
 # --- the grid -----------------------------------------------------------------------------------
 
 def _entry(timing: common.Timing, combos: int, rss_growth: int, **extra) -> dict[str, Any]:
@@ -280,6 +307,8 @@ def run(sizes: ScoringSizes, workdir: pathlib.Path, log=print,
       for name in fns:
         loop[name] = _entry(timings[name], n_loop, rss[name])
       loop["agreement"] = agreement(scores)
+      if torch_model is not None:
+        loop["peft_phases"] = peft_phases(torch_model, k, batch_np, w_loop)
       # What score_combinations redoes on every call before its compiled program runs.
       loop["stack_adapters_s"] = common.measure(
           lambda: jax.block_until_ready(lora_lib.stack(adapters)), repeats=5).median_s
