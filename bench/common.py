@@ -328,7 +328,8 @@ class OtherCpu:
     busy1, own1 = _busy_and_own_ticks()
     self.seconds = time.perf_counter() - t0
     self.other_seconds = max(0.0, ((busy1 - busy0) - (own1 - own0)) / os.sysconf("SC_CLK_TCK"))
-    self.cores = self.other_seconds / max(self.seconds, 1e-9)
+    # Clock ticks are 10 ms: over a few ticks the rate says nothing.
+    self.cores = self.other_seconds / self.seconds if self.seconds >= 0.2 else float("nan")
 
 
 def other_cpu(seconds: float = 3.0) -> float:

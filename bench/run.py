@@ -211,8 +211,9 @@ def run(options: Options) -> dict[str, Any]:
                            "seconds": time.time() - start, "command": options.command,
                            "git_commit": results["machine"]["git_commit"]}
         results["parts"][part] = out
-        log(f"part {part}: done in {time.time() - start:.0f}s; other processes kept "
-            f"{others.cores:.2f} cores busy meanwhile")
+        log(f"part {part}: done in {time.time() - start:.0f}s"
+            + (f"; other processes kept {others.cores:.2f} cores busy meanwhile"
+               if others.cores == others.cores else ""))
   if not options.render_only:
     results["command"] = options.command
   results["targets"] = report.targets(results)
