@@ -195,7 +195,7 @@ def figures(results: dict[str, Any], directory: pathlib.Path) -> list[pathlib.Pa
       ax.set_yscale("log")
       ax.set_ylabel("combinations per second")
       ax.set_title(f"{n} examples per combination")
-      ax.legend(fontsize=7)
+      ax.legend(fontsize=7, ncol=len(names), loc="upper center", bbox_to_anchor=(0.5, -0.12))
     fig.tight_layout()
     written.append(directory / "scoring.png")
     fig.savefig(written[-1], dpi=110)

@@ -143,14 +143,14 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> None:
                   style, color="C3", alpha=0.7, label=f"XLA memory ({name})")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    mem_ax.set_yscale("log")
+    mem_ax.set_ylim(bottom=0)
     ax.set_xlabel(labels[dim])
     ax.set_ylabel("seconds per combination" if dim == "chunk" else "seconds per call",
                   color="C0")
     mem_ax.set_ylabel("MiB (arguments + temps)", color="C3")
     lines = ax.get_legend_handles_labels()
     more = mem_ax.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper left")
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="best", framealpha=0.6)
   base = ", ".join(f"{k}={v}" for k, v in dict(result["sizes"]["base"]).items())
   fig.suptitle(f"score_combinations: time and memory vs one dimension at a time ({base})",
                fontsize=10)
