@@ -554,8 +554,9 @@ def _analysis(results: dict[str, Any]) -> list[str]:
     one = min(pts, key=lambda p: p["chunk"])
     big = max(pts, key=lambda p: p["chunk"])
     if best["chunk"] != one["chunk"]:
-      line += (f" Vmapping combinations together gains {_x(best['combos_per_s'] / one['combos_per_s'])}"
-               f" over one at a time (chunk {one['chunk']}) at best")
+      gain = best["combos_per_s"] / one["combos_per_s"]
+      line += (f" Vmapping combinations together gains {_x(gain)} over one at a time "
+               f"(chunk {one['chunk']}) at best")
     else:
       line += " One combination at a time is fastest here"
     if big["chunk"] != best["chunk"]:

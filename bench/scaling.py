@@ -3,8 +3,8 @@
 One sweep per dimension around a base point (default model, K = 4 rank-8 adapters, C = 64,
 8 examples of 32 tokens). Each point: `score_combinations` with its default plan, timed as in
 the scoring part; the chunk sweep fixes `chunk_size` instead, at two (examples, C) points, to
-check the plan's choice of chunk. Memory is XLA's `memory_analysis` of the compiled plan (arguments + temps)
-and the resident-set growth during the timed calls. The figure is drawn by `plot`.
+check the plan's choice of chunk. Memory is XLA's `memory_analysis` of the compiled plan
+(arguments + temps) and the resident-set growth during the timed calls. `plot` draws it.
 """
 
 from __future__ import annotations

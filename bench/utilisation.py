@@ -2,10 +2,13 @@
 achieve.
 
 Peak: jitted `jnp.dot` of square float32 matrices (and NumPy's and torch's for comparison),
-the best of the repeats (a peak is what the hardware can do; the median is kept too); also the matmul shapes the default model actually runs ([B·T, d] × [d,
-d_ff], ...), which bound what a model this narrow can reach. Achieved: FLOPs per call /
-median seconds (contenders timed side by side), FLOPs from the analytic matmul count (`bench.common`) and, where XLA can
-count them (no while loop in the program), `compiled.cost_analysis()`.
+sustained over batches of calls, the best batch (a peak is what the hardware can do; the
+median is kept too); also the matmul shapes the default model actually runs ([B·T, d] ×
+[d, d_ff], ...), which bound what a model this narrow can reach. Achieved: FLOPs per call /
+median seconds, each workload timed side by side with a square matmul (its fraction of that
+'alongside' rate compares like with like on a shared machine). FLOPs from the analytic
+matmul count (`bench.common`) and, where XLA can count them (no while loop in the program),
+`compiled.cost_analysis()`.
 """
 
 from __future__ import annotations
