@@ -118,3 +118,15 @@ def test_one_prompt_two_answers_is_caught(world):
   bad = corpus.replace_split(world, "R", "target", world.splits["R"]["target"] + (direct,))
   with pytest.raises(ValueError, match="has the answer"):
     corpus.check_unambiguous(bad)
+
+
+def test_majority_levels_is_the_best_constant_answer():
+  ex = [common.Example("q a", "x", {"answer_type": "city", "final": "x"}),
+        common.Example("q b", "x", {"answer_type": "city", "final": "x"}),
+        common.Example("q c", "y", {"answer_type": "city", "final": "y"}),
+        common.Example("q d", "p", {"answer_type": "person", "final": "p"})]
+  got = common.majority_levels({"s": ex})["s"]
+  assert got == pytest.approx(3 / 4)  # 'x' for the cities (2 of 3), 'p' for the person
+  assert common.chance_levels({"s": ex})["s"] == pytest.approx((3 * 0.5 + 1.0) / 4)
+  with pytest.raises(ValueError, match="empty"):
+    common.majority_levels({"s": ()})

@@ -319,6 +319,24 @@ def chance_levels(splits: Mapping[str, Sequence[Example]]) -> dict[str, float]:
   return out
 
 
+def majority_levels(splits: Mapping[str, Sequence[Example]]) -> dict[str, float]:
+  """Per split: the accuracy of always giving the most frequent final answer of each answer type.
+
+  The best any constant answer can do on that split (the majority-answer baseline). It equals
+  the chance level only when the answers are balanced.
+  """
+  out = {}
+  for name, examples in splits.items():
+    if not examples:
+      raise ValueError(f"split {name!r} is empty")
+    counts: dict[str, dict[str, int]] = {}
+    for e in examples:
+      by_type = counts.setdefault(e.meta["answer_type"], {})
+      by_type[e.meta["final"]] = by_type.get(e.meta["final"], 0) + 1
+    out[name] = float(sum(max(c.values()) for c in counts.values()) / len(examples))
+  return out
+
+
 def content_hash(world: World) -> str:
   """sha256 over the canonical JSON of settings, corpus, splits and probes."""
   h = hashlib.sha256()
