@@ -11,6 +11,8 @@ reaches its positions.
 either every real token (pretraining) or only the answer span (question answering).
 Batches are a pure function of (seed, step) — `batch_indices` — so the data-iterator
 position is the step, and a resumed run sees exactly the batches it would have seen.
+`pack` puts several sequences into each row (with segment ids and per-segment positions), so
+pretraining computes no padding.
 """
 
 from __future__ import annotations
@@ -67,14 +69,98 @@ def size(data: Encoded) -> int:
   return int(data["tokens"].shape[0])
 
 
+def pack(data: Encoded, row_len: int, *, pad_id: int, loss_on: str = "all") -> Encoded:
+  """Sequences of an encoded dataset packed into rows of exactly `row_len` tokens.
+
+  Each sequence (its prompt, answer and EOS) goes whole into one row, best fit: the row with
+  the least room that still holds it, else a new row; deterministic in the input order.
+  Returns a *packed* dataset:
+    tokens       [M, L] int32   the sequences side by side, then pad
+    segment_ids  [M, L] int32   1, 2, ... per sequence within its row; 0 on padding
+    positions    [M, L] int32   position within the sequence (restarts at 0 per segment)
+    loss_mask    [M, L] float32 1 where the token is a trained target (`loss_on`, as lm_batch)
+  A model that attends only within a segment (`transformer.apply(..., segment_ids_BxT=)`)
+  gives every packed sequence exactly the logits it has alone; `lm_batch` of packed rows
+  never trains a prediction across a segment boundary.
+  """
+  if loss_on not in _LOSS_ON:
+    raise ValueError(f"loss_on={loss_on!r} is not one of {list(_LOSS_ON)}")
+  if isinstance(row_len, bool) or not isinstance(row_len, int) or row_len < 2:
+    raise ValueError(f"row_len must be an int >= 2, got {row_len!r}")
+  lengths = (data["prompt_len"] + data["answer_len"]).astype(np.int64)
+  n = size(data)
+  if n == 0:
+    raise ValueError("pack got no rows")
+  if lengths.max() > row_len:
+    worst = int(np.argmax(lengths))
+    raise ValueError(f"sequence {worst} has {int(lengths[worst])} tokens, more than "
+                     f"row_len={row_len}")
+  # by_room[c]: rows with exactly c free tokens (best fit scans c upwards from the length).
+  by_room: list[list[int]] = [[] for _ in range(row_len + 1)]
+  rows: list[list[int]] = []
+  fill: list[int] = []
+  for i, length in enumerate(lengths.tolist()):
+    row = None
+    for room in range(length, row_len + 1):
+      if by_room[room]:
+        row = by_room[room].pop()
+        break
+    if row is None:
+      row = len(rows)
+      rows.append([])
+      fill.append(0)
+    rows[row].append(i)
+    fill[row] += length
+    by_room[row_len - fill[row]].append(row)
+  m = len(rows)
+  tokens = np.full((m, row_len), pad_id, np.int32)
+  segments = np.zeros((m, row_len), np.int32)
+  positions = np.zeros((m, row_len), np.int32)
+  loss_mask = np.zeros((m, row_len), np.float32)
+  for r, members in enumerate(rows):
+    start = 0
+    for seg, i in enumerate(members, start=1):
+      length = int(lengths[i])
+      span = slice(start, start + length)
+      tokens[r, span] = data["tokens"][i, :length]
+      segments[r, span] = seg
+      offsets = np.arange(length)
+      positions[r, span] = offsets
+      first = 1 if loss_on == "all" else int(data["prompt_len"][i])
+      loss_mask[r, span] = (offsets >= first).astype(np.float32)
+      start += length
+  return {"tokens": tokens, "segment_ids": segments, "positions": positions,
+          "loss_mask": loss_mask}
+
+
+def is_packed(data: Mapping[str, np.ndarray]) -> bool:
+  return "segment_ids" in data
+
+
+def real_tokens(data: Encoded) -> int:
+  """Tokens that are part of a sequence (not padding), packed or not."""
+  if is_packed(data):
+    return int((data["segment_ids"] > 0).sum())
+  return int((data["prompt_len"] + data["answer_len"]).sum())
+
+
 def lm_batch(rows: Mapping[str, np.ndarray], loss_on: str = "answer") -> dict[str, np.ndarray]:
   """inputs/targets [B, T-1] and float weights marking the trained target positions.
 
   loss_on='all': every token of prompt and answer (pretraining on text);
   loss_on='answer': only the answer tokens and EOS (question answering).
+  Packed rows (`pack`) carry their own loss mask (`loss_on` was chosen when packing) and add
+  `positions` and `segment_ids` [B, T-1] for the model.
   """
   if loss_on not in _LOSS_ON:
     raise ValueError(f"loss_on={loss_on!r} is not one of {list(_LOSS_ON)}")
+  if is_packed(rows):
+    tokens = rows["tokens"]
+    return {"inputs": tokens[:, :-1].astype(np.int32),
+            "targets": tokens[:, 1:].astype(np.int32),
+            "weights": rows["loss_mask"][:, 1:].astype(np.float32),
+            "positions": rows["positions"][:, :-1].astype(np.int32),
+            "segment_ids": rows["segment_ids"][:, :-1].astype(np.int32)}
   tokens = rows["tokens"]
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   pos = np.arange(targets.shape[1])[None, :] + 1  # position of each target in `tokens`

@@ -121,12 +121,14 @@ def make_train_step(model_cfg: transformer.ModelConfig, optimizer: optax.Gradien
     raise ValueError(f"kind={kind!r} is not one of ['full', 'lora']")
 
   def loss_fn(trainable, frozen, batch, step_key):
+    packing = {"positions_BxT": batch.get("positions"),
+               "segment_ids_BxT": batch.get("segment_ids")}
     if kind == "full":
-      logits = transformer.apply(trainable, batch["inputs"], model_cfg)
+      logits = transformer.apply(trainable, batch["inputs"], model_cfg, **packing)
     else:
       mix = lora_lib.LoraMix.single(trainable, dropout=lora_dropout)
       logits = transformer.apply(frozen, batch["inputs"], model_cfg, lora=mix,
-                                 dropout_key=step_key if lora_dropout > 0 else None)
+                                 dropout_key=step_key if lora_dropout > 0 else None, **packing)
     return lm_loss(logits, batch["targets"], batch["weights"])
 
   def step(state: TrainState, frozen, batch):

@@ -231,7 +231,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, lora, deterministic):
+  def __call__(self, x_BxTxD, positions_BxT, segments_BxT, lora, deterministic):
     cfg = self.cfg
     h, kv, dh = cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
     b, t, _ = x_BxTxD.shape
@@ -251,6 +251,11 @@ class Attention(nn.Module):
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     if cfg.sliding_window is not None:
       causal = causal & ~jnp.tril(causal, -cfg.sliding_window)
+    if segments_BxT is not None:
+      # Packed rows: a token attends only to earlier tokens of its own sequence.
+      same = segments_BxT[:, :, None] == segments_BxT[:, None, :]  # [B, T, S]
+      causal = causal[None] & same
+      causal = causal[:, None, None]  # [B, 1, 1, T, S] against logits [B, kv, g, T, S]
     logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h * dh)
@@ -277,9 +282,9 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, lora, deterministic):
+  def __call__(self, x, positions, segments, lora, deterministic):
     x = x + Attention(self.cfg, name="attn")(
-        Norm(self.cfg, name="attn_norm")(x), positions, lora, deterministic)
+        Norm(self.cfg, name="attn_norm")(x), positions, segments, lora, deterministic)
     x = x + Mlp(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x), lora, deterministic)
     return x
 
@@ -288,9 +293,9 @@ class Layers(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, lora, deterministic):
+  def __call__(self, x, positions, segments, lora, deterministic):
     for i in range(self.cfg.n_layers):
-      x = Block(self.cfg, name=str(i))(x, positions, lora, deterministic)
+      x = Block(self.cfg, name=str(i))(x, positions, segments, lora, deterministic)
     return x
 
 
@@ -298,7 +303,7 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT, lora, deterministic):
+  def __call__(self, tokens_BxT, positions_BxT, segments_BxT, lora, deterministic):
     cfg = self.cfg
     embed = nn.Embed(cfg.vocab_size, cfg.d_model,
                      embedding_init=nn.initializers.normal(cfg.init_std),
@@ -308,7 +313,7 @@ class Transformer(nn.Module):
       pos_embed = self.param("pos_embed", nn.initializers.normal(cfg.init_std),
                              (cfg.max_len, cfg.d_model), _dtype(cfg.param_dtype))
       x = x + jnp.take(pos_embed, positions_BxT, axis=0).astype(x.dtype)
-    x = Layers(cfg, name="layers")(x, positions_BxT, lora, deterministic)
+    x = Layers(cfg, name="layers")(x, positions_BxT, segments_BxT, lora, deterministic)
     hidden = Norm(cfg, name="final_norm")(x)
     if cfg.tie_embeddings:
       logits = embed.attend(hidden.astype(_dtype(cfg.param_dtype)))
@@ -320,19 +325,24 @@ class Transformer(nn.Module):
 def init(key: jax.Array, cfg: ModelConfig) -> Params:
   """Random parameters as a plain nested dict (no Flax collections wrapper)."""
   tokens = jnp.zeros((1, 2), jnp.int32)
-  variables = Transformer(cfg).init(key, tokens, jnp.zeros((1, 2), jnp.int32), None, True)
+  variables = Transformer(cfg).init(key, tokens, jnp.zeros((1, 2), jnp.int32), None, None,
+                                    True)
   return dict(variables["params"])
 
 
 def apply(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig, *,
           lora: lora_lib.LoraMix | None = None,
           positions_BxT: jax.Array | None = None,
+          segment_ids_BxT: jax.Array | None = None,
           dropout_key: jax.Array | None = None,
           return_aux: bool = False):
   """Logits `[B, T, vocab]` (float32) for `tokens_BxT`.
 
   lora: adapters to run unmerged (one adapter for training, a stack of K with mixing
     weights or a router for recycling); None runs the base (or merged) params.
+  positions_BxT: position of each token within its sequence (None: 0..T-1).
+  segment_ids_BxT: packed rows (`data.pack`): a token attends only to earlier tokens with the
+    same segment id, so each packed sequence gets exactly the logits it has alone.
   dropout_key: enables LoRA dropout (training); None means deterministic.
   return_aux: also return {'hidden': final normed states [B,T,D], 'routing': {path: w}}.
   """
@@ -348,11 +358,12 @@ def apply(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig, *,
   deterministic = dropout_key is None
   model = Transformer(cfg)
   if not return_aux:
-    logits, _ = model.apply({"params": params}, tokens_BxT, positions_BxT, lora,
-                            deterministic, rngs=rngs)
+    logits, _ = model.apply({"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT,
+                            lora, deterministic, rngs=rngs)
     return logits
   (logits, hidden), state = model.apply(
-      {"params": params}, tokens_BxT, positions_BxT, lora, deterministic, rngs=rngs,
+      {"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT, lora, deterministic,
+      rngs=rngs,
       mutable=["intermediates"])
   routing = {}
   for path, value in _flatten(state.get("intermediates", {})).items():
