@@ -48,6 +48,8 @@ class SplitResult:
 
   correct / bridge_correct: per-example outcomes (for intervals and paired comparisons).
   bridge_accuracy: for chain-of-thought splits, how often every bridge entity was right.
+  strict_accuracy: for chain-of-thought splits, how often both the bridges and the final
+    answer were right (`accuracy` is then the lenient, final-answer-only score).
   """
 
   split: str
@@ -57,6 +59,7 @@ class SplitResult:
   bridge_accuracy: float | None = None
   correct: tuple[bool, ...] = ()
   bridge_correct: tuple[bool, ...] | None = None
+  strict_accuracy: float | None = None
 
   def to_dict(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
@@ -261,10 +264,13 @@ def score_split(split: str, texts: Sequence[str | None], examples: Sequence[comm
   bridge_correct = tuple(bridges) if all(b is not None for b in bridges) else None
   if chance is None:
     chance = common.chance_levels({split: tuple(examples)})[split]
+  strict = None
+  if bridge_correct is not None:
+    strict = float(np.mean([c and b for c, b in zip(correct, bridge_correct)]))
   return SplitResult(
       split=split, accuracy=float(np.mean(correct)), n=len(examples), chance=float(chance),
       bridge_accuracy=None if bridge_correct is None else float(np.mean(bridge_correct)),
-      correct=correct, bridge_correct=bridge_correct)
+      correct=correct, bridge_correct=bridge_correct, strict_accuracy=strict)
 
 
 # ----------------------------------------------------------------- teacher forcing

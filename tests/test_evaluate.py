@@ -107,6 +107,20 @@ def test_score_rules():
   assert ev.score("k z w", direct) == (False, None)
 
 
+def test_strict_cot_needs_the_bridge_and_the_answer_lenient_only_the_answer():
+  cot = _ex("q d", "x 's b is y . y lives in z w", "cot", "z w", "y")
+  gens = ["x 's b is y . y lives in z w",  # both right
+          "x 's b is k . k lives in z w",  # wrong bridge, right answer
+          "x 's b is y . y lives in k w",  # right bridge, wrong answer
+          None]
+  res = ev.score_split("test_two_hop_cot", gens, [cot] * 4, chance=0.25)
+  assert res.accuracy == pytest.approx(2 / 4)  # lenient: the final answer
+  assert res.bridge_accuracy == pytest.approx(2 / 4)
+  assert res.strict_accuracy == pytest.approx(1 / 4)  # both
+  direct = ev.score_split("d", ["z w"], [_ex("q", "z w")], chance=0.5)
+  assert direct.strict_accuracy is None
+
+
 def test_split_result_serialises():
   r = ev.SplitResult("test", 0.5, 2, 0.125, 1.0, (True, False), (True, True))
   d = json.loads(json.dumps(r.to_dict()))

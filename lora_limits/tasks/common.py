@@ -208,6 +208,8 @@ class Example:
     final = self.meta.get("final")
     if final is not None:
       fw, aw = words(final), words(self.answer)
+      if self.meta.get("format") == "statement":  # "A 's spouse is" → "B ."
+        fw = fw + [STEP_SEPARATOR]
       if aw[len(aw) - len(fw):] != fw:
         raise ValueError(f"Example answer {self.answer!r} does not end with its final "
                          f"answer {final!r}")
@@ -253,6 +255,9 @@ class World:
   chance: {group: {split: chance accuracy}} from the answer space.
   entities: {group: {role: names}}; facts: {group: {hopI: ((subject, object), ...)}};
   composed: {group: ((head, final), ...)} — the audit data behind the exposure counts.
+  majority: {group: {split: accuracy of always giving the most frequent answer}}.
+  fact_free: the distinct corpus texts that carry no fact (copy texts naming one entity);
+    names a tier keeps out of pretraining may occur only there.
   rules: {group: LeakRules}.
   vocabulary: every word the settings can produce, whatever the seed (sorted); a tokenizer
     built from it serves every seed of these settings.
@@ -272,6 +277,8 @@ class World:
   facts: Mapping[str, Mapping[str, tuple[tuple[str, str], ...]]] = dataclasses.field(
       default_factory=dict)
   composed: Mapping[str, tuple[tuple[str, str], ...]] = dataclasses.field(default_factory=dict)
+  majority: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
+  fact_free: tuple[str, ...] = ()
 
   @property
   def groups(self) -> tuple[str, ...]:

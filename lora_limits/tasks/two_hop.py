@@ -1,40 +1,55 @@
 """A k-hop fact world whose familiarity is set by what the pretraining corpus contains.
 
-Entities are people, cities and countries with fictional names of 2-3 syllable tokens
-("ka ro mi"): a new combination of tokens the base model has seen in other names, never an
-untrained embedding. Relations chain A →r1→ B →r2→ C (default: person →spouse→ person
-→lives_in→ city; k is the number of relations, any k >= 2 whose types chain).
+Entities are people, cities and countries. By default (`name_style='token'`) each name is
+one word ("kabo"), drawn from an inventory fixed by the settings (not the seed), so every
+seed's tokenizer is the same; `name_style='syllables'` (the ablation) spells names as 2-3
+syllable words ("ka ro mi"). Relations chain A →r1→ B →r2→ C (default: person →spouse→
+person →lives_in→ city; any k >= 2 whose types chain). The final entities come from one
+shared pool (`pool_size` cities), assigned in balance, so chance equals the majority-answer
+baseline on every composed test.
 
-One world holds one *group* of entities per familiarity tier, all sharing one corpus, so
-a single base model serves every tier. Per tier the corpus contains:
-  F (fictional): nothing — no entity of the tier and no fact about it ever appears;
-  H (hybrid, hybrid='background'): every entity of the tier appears in exactly
-    `background_exposure` unrelated background sentences ("ka ro likes tea ."), one entity
-    per sentence; no fact of the tier appears. hybrid='one_hop' additionally puts every
-    hop-1 fact in `fact_exposure` texts (the first hop is known, the later ones are not);
-  R (real): the background sentences, and every hop fact in `fact_exposure` texts
-    (statements and question → answer with the training paraphrases).
-No tier ever sees a composed (A, C) question about its own entities, nor a held-out
-paraphrase applied to them. Filler entities (never in any split) carry the language: their
-background, every fact in every paraphrase (held-out ones included) and, with
-`filler_two_hop`, composed questions with direct and chain-of-thought answers, so the base
-model knows each question format (a question ending with the cue word `common.COT_CUE`
-asks for the chain of thought, "… ? explain" → "A 's spouse is B . B lives in C").
-Exposure is counted from the corpus text by `corpus.exposure_report` and checked against
+What the pretraining corpus holds, by group:
+  fillers (never in any split) carry the language and the procedures. Every filler fact is
+    stated in every statement form; the *QA fillers* also have every question form
+    (held-out ones included), which teaches extraction (Allen-Zhu & Li); of those,
+    `filler_composed` chains also show composed questions with direct and chain-of-thought
+    answers ("... ? explain" → "A 's spouse is B . B lives in C"), which teaches the CoT
+    procedure. Two probe sets measure what pretraining taught: *statement-only fillers*
+    (facts only as statements; extraction = answering questions about them) and
+    *never-composed fillers* (QA facts, no composed question; CoT on them is the procedure,
+    not recall). They are the `filler` group's test splits.
+  fact-free texts: every person of every group appears in `fact_free_exposure` echo texts
+    ("echo X . X") and as many frame texts ("the spouse of X repeat X"): the copy steps of
+    the CoT procedure, for every entity, so a tier-F entity is unfamiliar without being an
+    untrained vector. They hold no fact.
+Per familiarity tier, beyond the fact-free texts:
+  F (fictional): nothing — no fact or background sentence about the tier's entities;
+  H (hybrid, hybrid='background'): every entity in `background_exposure` unrelated
+    background sentences ("kabo likes tea ."), no fact; hybrid='one_hop' adds every hop-1
+    fact in `fact_exposure` texts;
+  R (real): the background and every hop fact in `fact_exposure` texts (statements and
+    training questions), so the tier's one-hop facts are known before any adapter.
+So accuracy can differ between tiers only through what the corpus says about their
+entities: nothing (F), that they exist (H), or the facts themselves (R). No tier ever sees a
+composed (A, C) question about its own entities, nor a held-out question form applied to
+them. Exposure is counted from the corpus text (`corpus.exposure_report`) and checked against
 these definitions by `check_familiarity`.
 
-Per tier the splits (see `common`) are built from `test_chains` test chains and
-`target_chains` target chains with disjoint entities: hop-i facts of both (for the one-hop
-adapters), composed questions of the target chains (target-task adapter) and of the test
-chains (the test). Non-person objects (cities, countries) come from a per-tier pool of
-`pool_size`, so several chains share a city and the chance level is 1 / pool_size.
+Per tier the splits (see `common`) come from `test_chains` test chains and `target_chains`
+target chains with disjoint entities: hop-i facts of both in statement forms and training
+question forms (one statement form is exactly the CoT step, "A 's spouse is B ."), composed
+questions of the target chains (target-task adapter) and of the test chains (the test); the
+one-hop tests ask the held-out question form.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from lora_limits.tasks import common
 from lora_limits.tasks import corpus as corpus_lib
@@ -96,6 +111,10 @@ class Relation:
     if common.STEP_SEPARATOR in self.cot.split():
       raise ValueError(f"{where}.cot={self.cot!r} must be one step, without "
                        f"{common.STEP_SEPARATOR!r}")
+    if f"{self.cot} {common.STEP_SEPARATOR}" not in self.statements:
+      raise ValueError(f"{where}.statements must include the chain-of-thought step as a "
+                       f"sentence, {self.cot + ' ' + common.STEP_SEPARATOR!r}, so an adapter "
+                       "trained on the statements knows the step")
 
   def templates(self) -> tuple[str, ...]:
     return self.statements + self.questions + self.heldout + (self.phrase, self.cot)
@@ -107,12 +126,12 @@ class Relation:
 RELATIONS: dict[str, Relation] = {
     r.name: r for r in (
         Relation("spouse", "person", "person",
-                 statements=("{a} is married to {b} .", "the spouse of {a} is {b} ."),
+                 statements=("{a} 's spouse is {b} .", "{a} is married to {b} ."),
                  questions=("who is the spouse of {a} ?", "who is {a} married to ?"),
                  heldout=("whom did {a} marry ?",),
                  phrase="the spouse of {a}", cot="{a} 's spouse is {b}"),
         Relation("mentor", "person", "person",
-                 statements=("{a} was trained by {b} .", "the mentor of {a} is {b} ."),
+                 statements=("{a} 's mentor is {b} .", "{a} was trained by {b} ."),
                  questions=("who is the mentor of {a} ?", "who trained {a} ?"),
                  heldout=("who taught {a} ?",),
                  phrase="the mentor of {a}", cot="{a} 's mentor is {b}"),
@@ -122,7 +141,7 @@ RELATIONS: dict[str, Relation] = {
                  heldout=("which city is home to {a} ?",),
                  phrase="the home town of {a}", cot="{a} lives in {b}"),
         Relation("in_country", "city", "country",
-                 statements=("{a} is a city in {b} .", "{a} lies in {b} ."),
+                 statements=("{a} is in {b} .", "{a} lies in {b} ."),
                  questions=("which country is {a} in ?", "in which country is {a} ?"),
                  heldout=("{a} belongs to which country ?",),
                  phrase="the country of {a}", cot="{a} is in {b}"),
@@ -148,16 +167,23 @@ BACKGROUND: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     ),
 }
 
+# Fact-free texts: the copy steps of the chain-of-thought procedure, with one person each.
+ECHO = "echo {a} . {a}"  # the bridge step: copy the name before the period
+FRAME = "{phrase} repeat {a}"  # the first step: copy the head out of the question's frame
+FACT_FREE_WORDS = ("echo", "repeat")
+
 # Consonant-vowel syllables that are not words of any template.
 DEFAULT_SYLLABLES = (
     "ba", "bi", "bo", "bu", "da", "di", "du", "fa", "fe", "fi", "fo", "fu", "ga", "gi",
     "gu", "ka", "ke", "ki", "ko", "ku", "la", "le", "li", "lo", "lu", "mi", "mo", "mu",
     "na", "ne", "ni", "nu", "pa", "pe", "pi", "po", "pu", "ra", "re", "ri")
+NAME_STYLES = ("token", "syllables")
+_INVENTORY_SEED = 20261202  # fixes the order of the token-name inventory for every seed
 
 
 def reserved_words(relations: Sequence[Relation]) -> set[str]:
   """Words of every template and background value (syllables must avoid them)."""
-  out: set[str] = {common.COT_CUE}
+  out: set[str] = {common.COT_CUE, *FACT_FREE_WORDS}
   for r in relations:
     for t in r.templates():
       out |= common.template_words(t)
@@ -169,39 +195,50 @@ def reserved_words(relations: Sequence[Relation]) -> set[str]:
 
 def vocabulary(settings: "TwoHopSettings") -> tuple[str, ...]:
   """Every word a world with these settings can contain, for any seed (sorted)."""
-  return tuple(sorted(set(settings.syllables) | reserved_words(settings.chain)))
+  names = (name_inventory(settings) if settings.name_style == "token"
+           else settings.syllables)
+  return tuple(sorted(set(names) | reserved_words(settings.chain)))
 
 
 @dataclasses.dataclass(frozen=True)
 class TwoHopSettings:
-  """Generator settings; see the module docstring for the tier definitions.
+  """Generator settings; see the module docstring for the groups and tier definitions.
 
   relations: names in RELATIONS or Relation objects, chained (k = len(relations) >= 2).
   tiers: which familiarity groups to build (each has its own entities).
   test_chains / target_chains: chains per tier for the test and for the target adapter.
-  filler_chains: chains of filler entities that carry the language in pretraining.
-  pool_size: cities (countries) per tier and for the fillers.
-  background_exposure: background sentences per H / R entity.
+  filler_chains: chains of filler entities that carry the language in pretraining; of them
+    `filler_composed` also show composed questions and `filler_statement_only` have their
+    facts only as statements; the rest are QA fillers never shown a composed question.
+  probe_chains: filler chains per probe split (extraction, CoT on never-composed fillers).
+  pool_size: final entities (cities) of the one shared answer pool.
+  name_style: 'token' (one word per name) or 'syllables' (2-3 syllable words, the ablation).
+  syllables, name_lengths: what names are made of (joined into one word for 'token').
+  background_exposure: background sentences per H / R person.
   fact_exposure: texts per fact in pretraining (R; and hop 1 in H with hybrid='one_hop').
   hybrid: 'background' or 'one_hop' (see the module docstring).
+  fact_free_exposure: echo texts and frame texts per person (each).
   filler_repeats: how often each filler text appears in the corpus.
-  filler_two_hop: whether composed questions (about fillers) appear in pretraining.
   """
 
   seed: int = 0
   relations: tuple[Any, ...] = ("spouse", "lives_in")
   tiers: tuple[str, ...] = TIERS
-  test_chains: int = 24
-  target_chains: int = 24
-  filler_chains: int = 64
-  pool_size: int = 8
+  test_chains: int = 48
+  target_chains: int = 48
+  filler_chains: int = 700
+  filler_composed: int = 300
+  filler_statement_only: int = 100
+  probe_chains: int = 48
+  pool_size: int = 16
+  name_style: str = "token"
   syllables: tuple[str, ...] = DEFAULT_SYLLABLES
   name_lengths: tuple[int, ...] = (2, 3)
   background_exposure: int = 4
   fact_exposure: int = 8
   hybrid: str = "background"
+  fact_free_exposure: int = 2
   filler_repeats: int = 2
-  filler_two_hop: bool = True
 
   def __post_init__(self):
     common.check_int(_NAME, "seed", self.seed, 0, 2**32 - 1)
@@ -235,12 +272,18 @@ class TwoHopSettings:
     if len(set(self.tiers)) != len(self.tiers):
       raise ValueError(f"{_NAME}.tiers repeats a tier: {self.tiers!r}")
     for name in ("test_chains", "target_chains", "filler_chains", "pool_size",
-                 "filler_repeats"):
+                 "filler_repeats", "probe_chains", "filler_statement_only"):
       common.check_int(_NAME, name, getattr(self, name), 1, _MAX_COUNT)
-    common.check_int(_NAME, "background_exposure", self.background_exposure, 0, _MAX_COUNT)
-    common.check_int(_NAME, "fact_exposure", self.fact_exposure, 0, _MAX_COUNT)
+    for name in ("background_exposure", "fact_exposure", "fact_free_exposure",
+                 "filler_composed"):
+      common.check_int(_NAME, name, getattr(self, name), 0, _MAX_COUNT)
+    if self.filler_composed + self.filler_statement_only >= self.filler_chains:
+      raise ValueError(
+          f"{_NAME}.filler_composed + filler_statement_only ({self.filler_composed} + "
+          f"{self.filler_statement_only}) must be < filler_chains={self.filler_chains}: some "
+          "fillers must stay never-composed (the CoT probe)")
     common.check_choice(_NAME, "hybrid", self.hybrid, HYBRID_MODES)
-    common.check_bool(_NAME, "filler_two_hop", self.filler_two_hop)
+    common.check_choice(_NAME, "name_style", self.name_style, NAME_STYLES)
     if "H" in self.tiers and self.background_exposure < 1:
       raise ValueError(f"{_NAME}.background_exposure must be >= 1 when tier H is built "
                        "(H entities appear in background sentences)")
@@ -261,6 +304,13 @@ class TwoHopSettings:
                        f"got {self.name_lengths!r}")
     for n in self.name_lengths:
       common.check_int(_NAME, "name_lengths", n, 2, 6)
+    if self.name_style == "token":
+      available = sum(len(self.syllables) ** n for n in set(self.name_lengths))
+      if names_needed(self) > min(available, 200_000):
+        raise ValueError(
+            f"{_NAME}: {names_needed(self)} names are needed but {len(self.syllables)} "
+            f"syllables of lengths {list(self.name_lengths)} give {available}; add syllables "
+            "or name lengths, or ask for fewer chains")
 
   @property
   def chain(self) -> tuple[Relation, ...]:
@@ -290,6 +340,53 @@ class TwoHopSettings:
     return common.settings_from_mapping(cls, d)
 
 
+def _people_per_chain(chain: Sequence[Relation]) -> int:
+  return 1 + sum(1 for r in chain if r.object == "person")
+
+
+def _pool_types(chain: Sequence[Relation]) -> list[str]:
+  return sorted({r.object for r in chain} & set(POOL_TYPES))
+
+
+def names_needed(settings: TwoHopSettings) -> int:
+  """How many distinct names one world of these settings uses (every seed the same)."""
+  chains = settings.filler_chains + len(settings.tiers) * (
+      settings.test_chains + settings.target_chains)
+  return (chains * _people_per_chain(settings.chain)
+          + settings.pool_size * len(_pool_types(settings.chain)))
+
+
+def name_inventory(settings: TwoHopSettings) -> tuple[str, ...]:
+  """The one-word names of `name_style='token'`: syllables joined, the shortest lengths
+  first, each length in a fixed pseudo-random order; exactly `names_needed` of them, so every
+  seed uses (and pretraining trains) every name token, in a different assignment."""
+  rng = np.random.default_rng(_INVENTORY_SEED)
+  need = names_needed(settings)
+  out: list[str] = []
+  syl = list(settings.syllables)
+  for length in sorted(set(settings.name_lengths)):
+    combos = ["".join(c) for c in itertools.product(syl, repeat=length)]
+    out.extend(combos[i] for i in rng.permutation(len(combos)))
+    if len(out) >= need:
+      break
+  return tuple(out[:need])
+
+
+class _TokenNames:
+  """Draws one-word names from the inventory in a seeded order (no name twice)."""
+
+  def __init__(self, settings: TwoHopSettings, rng: np.random.Generator):
+    inventory = name_inventory(settings)
+    self._order = [inventory[i] for i in rng.permutation(len(inventory))]
+
+  def draw(self, n: int, *, what: str = "names", cover: bool = False) -> list[str]:
+    del cover
+    if n > len(self._order):
+      raise ValueError(f"{what}: {n} more names requested, {len(self._order)} left")
+    out, self._order = self._order[:n], self._order[n:]
+    return out
+
+
 # ----------------------------------------------------------------------- build
 
 
@@ -300,7 +397,6 @@ class _Group:
   name: str
   test: list[list[str]]  # chains: entity names e0..ek
   target: list[list[str]]
-  pools: dict[str, list[str]]
   attrs: dict[str, tuple[str, ...]]  # entity → its background values
   etype: dict[str, str]
 
@@ -317,52 +413,63 @@ class _Group:
         out.append(f)
     return out
 
-  def entities(self) -> list[str]:
+  def people(self, chains: Sequence[Sequence[str]] | None = None) -> list[str]:
     seen, out = set(), []
-    for c in self.chains():
+    for c in (self.chains() if chains is None else chains):
       for e in c:
-        if e not in seen:
+        if self.etype[e] == "person" and e not in seen:
           seen.add(e)
           out.append(e)
     return out
 
 
-def _make_group(name: str, settings: TwoHopSettings, names: common.NameSource, rng,
-                n_test: int, n_target: int, cover: bool) -> _Group:
-  n_chains = n_test + n_target
+def _balanced(n: int, pool: Sequence[str], rng: np.random.Generator) -> list[str]:
+  """n draws from the pool, each entry as often as possible equally (shuffled blocks)."""
+  out: list[str] = []
+  while len(out) < n:
+    out.extend(pool[i] for i in rng.permutation(len(pool)))
+  return out[:n]
+
+
+def _make_group(name: str, settings: TwoHopSettings, names, pools: Mapping[str, list[str]],
+                rng, sizes: Sequence[int], cover: bool) -> tuple[_Group, list[list[list[str]]]]:
+  """A group whose chains come in blocks of `sizes` (e.g. test, target); the final entity
+  is balanced over the pool within each block when the last hop starts from a person."""
+  chain = settings.chain
   etype: dict[str, str] = {}
-  people: list[str] = []
-  drawn = 0
-
-  def person() -> str:
-    nonlocal drawn
-    if not people:  # people come in batches; the first batch covers the syllables
-      people.extend(reversed(names.draw(n_chains, what=f"people of group {name}",
-                                        cover=cover and drawn == 0)))
-      drawn += 1
-    p = people.pop()
+  n_people = sum(sizes) * _people_per_chain(chain)
+  people = list(reversed(names.draw(n_people, what=f"people of group {name}", cover=cover)))
+  for p in people:
     etype[p] = "person"
-    return p
-
-  heads = [person() for _ in range(n_chains)]
-  pools = {}
-  for t in sorted({r.object for r in settings.chain} & set(POOL_TYPES)):
-    pools[t] = names.draw(settings.pool_size, what=f"{t} pool of group {name}")
-    etype.update((n, t) for n in pools[t])
+  for t, pool in pools.items():
+    etype.update((n, t) for n in pool)
   memo: dict[tuple[str, str], str] = {}  # (relation, subject) → object: facts are functions
-  chains: list[list[str]] = []
-  for head in heads:
-    ents = [head]
-    for r in settings.chain:
-      key = (r.name, ents[-1])
-      if key not in memo:
-        memo[key] = (pools[r.object][int(rng.integers(settings.pool_size))]
-                     if r.object in POOL_TYPES else person())
-      ents.append(memo[key])
-    chains.append(ents)
+  blocks: list[list[list[str]]] = []
+  for size in sizes:
+    finals = (_balanced(size, pools[chain[-1].object], rng)
+              if chain[-1].object in POOL_TYPES and chain[-1].subject == "person" else None)
+    block = []
+    for m in range(size):
+      ents = [people.pop()]
+      for j, r in enumerate(chain):
+        key = (r.name, ents[-1])
+        if key not in memo:
+          if r.object == "person":
+            memo[key] = people.pop()
+          elif j == len(chain) - 1 and finals is not None:
+            memo[key] = finals[m]
+          else:
+            pool = pools[r.object]
+            memo[key] = pool[int(rng.integers(len(pool)))]
+        ents.append(memo[key])
+      block.append(ents)
+    blocks.append(block)
+  entities = sorted({e for b in blocks for c in b for e in c})
   attrs = {e: tuple(values[int(rng.integers(len(values)))] for _, values in BACKGROUND[etype[e]])
-           for e in sorted(etype)}
-  return _Group(name, chains[:n_test], chains[n_test:], pools, attrs, etype)
+           for e in entities}
+  test = blocks[0] if blocks else []
+  target = blocks[1] if len(blocks) > 1 else []
+  return _Group(name, test, target, attrs, etype), blocks
 
 
 def exposed_hops(tier: str, settings: TwoHopSettings) -> tuple[int, ...]:
@@ -374,12 +481,17 @@ def exposed_hops(tier: str, settings: TwoHopSettings) -> tuple[int, ...]:
   return ()
 
 
-def composed_prompt(chain: Sequence[Relation], head: str, question: str) -> str:
-  """The last relation's question about the nested phrase of the earlier ones."""
+def composed_phrase(chain: Sequence[Relation], head: str) -> str:
+  """The nested noun phrase of every relation but the last ("the spouse of A")."""
   phrase = head
   for r in chain[:-1]:
     phrase = common.fill(r.phrase, a=phrase)
-  return common.fill(question, a=phrase)
+  return phrase
+
+
+def composed_prompt(chain: Sequence[Relation], head: str, question: str) -> str:
+  """The last relation's question about the nested phrase of the earlier ones."""
+  return common.fill(question, a=composed_phrase(chain, head))
 
 
 def cot_answer(chain: Sequence[Relation], ents: Sequence[str]) -> tuple[str, list[int]]:
@@ -400,8 +512,16 @@ def _units(group: _Group, names: Sequence[str]) -> list[str]:
   return [n for n in names if group.etype[n] not in POOL_TYPES]
 
 
+def _fact_meta(group: _Group, r: Relation, hop: int, s: str, o: str, split: str, fmt: str,
+               template: str) -> dict[str, Any]:
+  return {"group": group.name, "split": split, "format": fmt, "final": o,
+          "answer_type": r.object, "units": _units(group, (s, o)), "hop": hop + 1,
+          "relation": r.name, "template": template}
+
+
 def _fact_examples(group: _Group, settings: TwoHopSettings, hop: int, facts, split: str,
                    templates: str, one_per_fact: bool) -> tuple[common.Example, ...]:
+  """Question → answer examples of hop-`hop` facts ('questions' or 'heldout' templates)."""
   r = settings.chain[hop]
   qs = r.questions if templates == "questions" else r.heldout
   out = []
@@ -410,9 +530,21 @@ def _fact_examples(group: _Group, settings: TwoHopSettings, hop: int, facts, spl
     for j in js:
       out.append(common.Example(
           common.fill(qs[j], a=s), o,
-          {"group": group.name, "split": split, "format": "direct", "final": o,
-           "answer_type": r.object, "units": _units(group, (s, o)), "hop": hop + 1,
-           "relation": r.name, "template": f"{r.name}/{templates}/{j}"}))
+          _fact_meta(group, r, hop, s, o, split, "direct", f"{r.name}/{templates}/{j}")))
+  return tuple(out)
+
+
+def _statement_examples(group: _Group, settings: TwoHopSettings, hop: int, facts,
+                        split: str) -> tuple[common.Example, ...]:
+  """Every statement form of each fact: "A 's spouse is" → "B ." (the statement's text)."""
+  r = settings.chain[hop]
+  out = []
+  for s, o in facts:
+    for j, t in enumerate(r.statements):
+      before, after = t.split("{b}")
+      out.append(common.Example(
+          common.fill(before.strip(), a=s), f"{o}{after.rstrip()}".strip(),
+          _fact_meta(group, r, hop, s, o, split, "statement", f"{r.name}/statements/{j}")))
   return tuple(out)
 
 
@@ -447,9 +579,10 @@ def _background_texts(group: _Group, entity: str, count: int | None = None) -> l
                       x=group.attrs[entity][j % len(entries)]) for j in range(count)]
 
 
-def _fact_forms(r: Relation, s: str, o: str, heldout: bool) -> list[tuple[str, str | None]]:
+def _fact_forms(r: Relation, s: str, o: str, questions: bool,
+                heldout: bool) -> list[tuple[str, str | None]]:
   """(text, question or None) forms of a fact, questions and statements interleaved."""
-  qs = list(r.questions) + (list(r.heldout) if heldout else [])
+  qs = (list(r.questions) + (list(r.heldout) if heldout else [])) if questions else []
   forms: list[tuple[str, str | None]] = []
   for j in range(max(len(qs), len(r.statements))):
     if j < len(qs):
@@ -460,18 +593,33 @@ def _fact_forms(r: Relation, s: str, o: str, heldout: bool) -> list[tuple[str, s
   return forms
 
 
+def fact_free_texts(settings: TwoHopSettings, person: str) -> list[str]:
+  """The echo and frame texts of one person, `fact_free_exposure` of each."""
+  phrase = composed_phrase(settings.chain, person)
+  texts = [common.fill(ECHO, a=person), FRAME.format(phrase=phrase, a=person)]
+  return [t for _ in range(settings.fact_free_exposure) for t in texts]
+
+
 def build(settings: TwoHopSettings) -> common.World:
   """The world for `settings` (deterministic in settings.seed); see the module docstring."""
   if not isinstance(settings, TwoHopSettings):
     raise ValueError(f"build needs TwoHopSettings, got {type(settings).__name__}")
   rels, k = settings.chain, settings.k
-  names = common.NameSource(common.rng_for(settings.seed, 0), settings.syllables,
-                            settings.name_lengths)
-  filler = _make_group("filler", settings, names, common.rng_for(settings.seed, 1),
-                       settings.filler_chains, 0, cover=True)
+  if settings.name_style == "token":
+    names = _TokenNames(settings, common.rng_for(settings.seed, 0))
+  else:
+    names = common.NameSource(common.rng_for(settings.seed, 0), settings.syllables,
+                              settings.name_lengths)
+  pools = {t: names.draw(settings.pool_size, what=f"{t} pool") for t in _pool_types(rels)}
+  s_only = settings.filler_statement_only
+  never = settings.filler_chains - settings.filler_composed - s_only
+  filler, (f_composed, f_statement, f_never) = _make_group(
+      "filler", settings, names, pools, common.rng_for(settings.seed, 1),
+      (settings.filler_composed, s_only, never), cover=True)
+  f_qa = f_composed + f_never
   tiers = [t for t in TIERS if t in settings.tiers]
-  groups = {t: _make_group(t, settings, names, common.rng_for(settings.seed, 2, i),
-                           settings.test_chains, settings.target_chains, cover=False)
+  groups = {t: _make_group(t, settings, names, pools, common.rng_for(settings.seed, 2, i),
+                           (settings.test_chains, settings.target_chains), cover=False)[0]
             for i, t in enumerate(tiers)}
 
   parts: list[corpus_lib.Part] = []
@@ -481,24 +629,38 @@ def build(settings: TwoHopSettings) -> common.World:
     if q is not None:
       recall.append(common.Example(q, answer, {"group": group, "split": "recall", **meta}))
 
-  # Fillers: every text form, repeated filler_repeats times.
-  fb = [x for e in filler.entities() for x in _background_texts(filler, e)]
+  # Fillers: background of every filler person and every pooled entity, every fact form.
+  pooled = [n for p in pools.values() for n in p]
+  pool_attrs = _Group("pool", [], [], {}, {})
+  prng = common.rng_for(settings.seed, 4)
+  for t, pool in pools.items():
+    for n in pool:
+      pool_attrs.etype[n] = t
+      pool_attrs.attrs[n] = tuple(values[int(prng.integers(len(values)))]
+                                  for _, values in BACKGROUND[t])
+  fb = [x for e in filler.people() for x in _background_texts(filler, e)]
+  fb += [x for e in pooled for x in _background_texts(pool_attrs, e)]
   parts.append(corpus_lib.Part("filler/background", tuple(fb), settings.filler_repeats))
   ff = []
-  for i, r in enumerate(rels):
-    for s, o in filler.hop_facts(i):
-      for text, q in _fact_forms(r, s, o, heldout=True):
-        ff.append(text)
-        add_recall("filler", q, o, {"format": "direct", "final": o,
-                                          "answer_type": r.object, "hop": i + 1})
+  for chains, questions in ((f_qa, True), (f_statement, False)):
+    for i, r in enumerate(rels):
+      for s, o in filler.hop_facts(i, chains):
+        for text, q in _fact_forms(r, s, o, questions=questions, heldout=True):
+          ff.append(text)
+          add_recall("filler", q, o, {"format": "direct", "final": o,
+                                      "answer_type": r.object, "hop": i + 1})
   parts.append(corpus_lib.Part("filler/facts", tuple(ff), settings.filler_repeats))
-  if settings.filler_two_hop:
+  if f_composed:
     fc = []
     for fmt in common.FORMATS:
-      for e in _composed_examples(filler, settings, filler.test, "recall", fmt, False):
+      for e in _composed_examples(filler, settings, f_composed, "recall", fmt, False):
         fc.append(e.text)
         recall.append(e)
     parts.append(corpus_lib.Part("filler/two_hop", tuple(fc), settings.filler_repeats))
+  every_person = filler.people() + [p for g in groups.values() for p in g.people()]
+  fact_free = tuple(t for p in every_person for t in fact_free_texts(settings, p))
+  if fact_free:
+    parts.append(corpus_lib.Part("fact_free", fact_free))
 
   splits: dict[str, dict[str, tuple[common.Example, ...]]] = {}
   rules: dict[str, common.LeakRules] = {}
@@ -508,25 +670,26 @@ def build(settings: TwoHopSettings) -> common.World:
   for t, g in groups.items():
     exposed = exposed_hops(t, settings)
     if t in ("H", "R"):
-      bg = [x for e in g.entities()
-            for x in _background_texts(g, e, settings.background_exposure)]
+      bg = [x for e in g.people() for x in _background_texts(g, e, settings.background_exposure)]
       parts.append(corpus_lib.Part(f"{t}/background", tuple(bg)))
     if exposed:
       fx = []
       for i in exposed:
         for s, o in g.hop_facts(i):
-          forms = _fact_forms(rels[i], s, o, heldout=False)
+          forms = _fact_forms(rels[i], s, o, questions=True, heldout=False)
           used = [forms[j % len(forms)] for j in range(settings.fact_exposure)]
           fx.extend(text for text, _ in used)
           for _, q in dict.fromkeys(used):
             add_recall(t, q, o, {"format": "direct", "final": o,
-                                       "answer_type": rels[i].object, "hop": i + 1})
+                                 "answer_type": rels[i].object, "hop": i + 1})
       parts.append(corpus_lib.Part(f"{t}/facts", tuple(fx)))
 
     sp: dict[str, tuple[common.Example, ...]] = {}
     for i in range(k):
-      sp[f"hop{i + 1}"] = _fact_examples(g, settings, i, g.hop_facts(i), f"hop{i + 1}",
-                                         "questions", one_per_fact=False)
+      sp[f"hop{i + 1}"] = (
+          _statement_examples(g, settings, i, g.hop_facts(i), f"hop{i + 1}")
+          + _fact_examples(g, settings, i, g.hop_facts(i), f"hop{i + 1}", "questions",
+                           one_per_fact=False))
     sp["union"] = tuple(
         common.Example(e.prompt, e.answer, {**e.meta, "split": "union", "source": e.meta["split"]})
         for i in range(k) for e in sp[f"hop{i + 1}"])
@@ -544,23 +707,35 @@ def build(settings: TwoHopSettings) -> common.World:
     heads = tuple(dict.fromkeys(c[0] for c in g.chains()))
     bridges = tuple(dict.fromkeys(e for c in g.chains() for e in c[1:-1]))
     finals = tuple(dict.fromkeys(c[-1] for c in g.chains()))
-    entities[t] = {"head": heads, "bridge": bridges, "final": finals}
+    entities[t] = {"head": heads, "bridge": bridges, "final": finals,
+                   "person": tuple(g.people())}
     facts[t] = {f"hop{i + 1}": tuple(g.hop_facts(i)) for i in range(k)}
     composed[t] = tuple(dict.fromkeys((c[0], c[-1]) for c in g.chains()))
     hidden_facts = tuple(f for i in range(k) if i not in exposed for f in g.hop_facts(i))
-    all_names = tuple(g.entities()) + tuple(n for p in g.pools.values() for n in p
-                                             if n not in set(g.entities()))
     disjoint = tuple((tr, te) for tr in common.TARGET_SPLITS for te in common.COMPOSED_TESTS)
-    rules[t] = common.LeakRules(absent_names=all_names if t == "F" else (),
-                                absent_pairs=composed[t] + (hidden_facts if t != "F" else ()),
-                                disjoint=disjoint)
+    rules[t] = common.LeakRules(absent_names=tuple(g.people()) if t == "F" else (),
+                                absent_pairs=composed[t] + hidden_facts, disjoint=disjoint)
+
+  # The filler probes: extraction on statement-only fillers, composition on never-composed.
+  n_probe = settings.probe_chains
+  fp: dict[str, tuple[common.Example, ...]] = {}
+  for i in range(k):
+    fp[f"test_hop{i + 1}"] = _fact_examples(filler, settings, i,
+                                            filler.hop_facts(i, f_statement[:n_probe]),
+                                            f"test_hop{i + 1}", "heldout", one_per_fact=True)
+  for fmt in common.FORMATS:
+    fp[f"test_two_hop_{fmt}"] = _composed_examples(filler, settings, f_never[:n_probe],
+                                                   f"test_two_hop_{fmt}", fmt, True)
+  splits[FILLER] = fp
 
   corpus, counts = corpus_lib.mix(parts, common.rng_for(settings.seed, 3))
   world = common.World(
       kind="two_hop", settings=settings, k=k, corpus=corpus, corpus_parts=counts,
       splits=splits, recall=_dedupe(recall),
-      chance={t: common.chance_levels(sp) for t, sp in splits.items()}, rules=rules,
-      vocabulary=vocabulary(settings), entities=entities, facts=facts, composed=composed)
+      chance={t: common.chance_levels(sp) for t, sp in splits.items()},
+      majority={t: common.majority_levels(sp) for t, sp in splits.items()}, rules=rules,
+      vocabulary=vocabulary(settings), entities=entities, facts=facts, composed=composed,
+      fact_free=tuple(dict.fromkeys(fact_free)))
   world.check_vocabulary()
   corpus_lib.check_coverage(world)
   corpus_lib.check_recall_in_corpus(world)
@@ -568,6 +743,9 @@ def build(settings: TwoHopSettings) -> common.World:
   corpus_lib.check_no_leak(world)
   check_familiarity(world)
   return world
+
+
+FILLER = "filler"
 
 
 def _dedupe(examples: Sequence[common.Example]) -> tuple[common.Example, ...]:
@@ -580,32 +758,43 @@ def _dedupe(examples: Sequence[common.Example]) -> tuple[common.Example, ...]:
 
 
 def expected_exposure(world: common.World, group: str) -> tuple[dict[str, int], dict[str, int]]:
-  """(mentions per entity, texts per fact kind) that the tier definition prescribes."""
+  """(mentions per person outside the fact-free texts, texts per fact kind) that the tier
+  definition prescribes. Pooled entities (cities) are shared by every group: not counted."""
   s: TwoHopSettings = world.settings
   exposed = exposed_hops(group, s)
   bg = s.background_exposure if group in ("H", "R") else 0
-  mentions: dict[str, int] = {}
-  for names in world.entities[group].values():
-    for n in names:
-      mentions[n] = bg
+  mentions = {n: bg for n in world.entities[group]["person"]}
   for i in exposed:
     for subj, obj in world.facts[group][f"hop{i + 1}"]:
-      mentions[subj] += s.fact_exposure
-      mentions[obj] += s.fact_exposure
+      for n in (subj, obj):
+        if n in mentions:
+          mentions[n] += s.fact_exposure
   per_fact = {f"hop{i + 1}": (s.fact_exposure if i in exposed else 0) for i in range(world.k)}
   per_fact["composed"] = 0
   return mentions, per_fact
 
 
 def check_familiarity(world: common.World) -> None:
-  """Raise ValueError unless the corpus counts match the tier definitions exactly."""
-  for group in world.groups:
+  """Raise ValueError unless the corpus counts match the tier definitions exactly: each
+  person's mentions outside the fact-free texts, each fact's texts, and each person's
+  fact-free texts."""
+  fact_free = set(world.fact_free)
+  factual = [t for t in world.corpus if t not in fact_free]
+  free = [t for t in world.corpus if t in fact_free]
+  per_person = 2 * world.settings.fact_free_exposure
+  for group in world.entities:
     want_mentions, want_facts = expected_exposure(world, group)
-    got = corpus_lib.count_mentions(world.corpus, want_mentions)
+    got = corpus_lib.count_mentions(factual, want_mentions)
     for name, n in want_mentions.items():
       if got[name] != n:
         raise ValueError(f"tier {group}: entity {name!r} occurs {got[name]} times in the "
-                         f"corpus; the tier definition prescribes {n}")
+                         f"corpus outside the fact-free texts; the tier definition prescribes {n}")
+    got_free = corpus_lib.count_cooccurrences(free, [(n, n) for n in want_mentions])
+    for (name, _), n in got_free.items():
+      if n != per_person:
+        raise ValueError(f"tier {group}: entity {name!r} is in {n} fact-free texts; "
+                         f"fact_free_exposure={world.settings.fact_free_exposure} prescribes "
+                         f"{per_person}")
     kinds = dict(world.facts[group])
     kinds["composed"] = world.composed[group]
     for kind, pairs in kinds.items():
