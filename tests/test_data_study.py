@@ -40,6 +40,7 @@ def test_same_config_same_files_and_manifest(tmp_path, capsys):
   th = manifest["worlds"]["two_hop"]["seed0"]
   assert th["splits"]["F"]["test_two_hop_cot"] == 4 and th["splits"]["R"]["target"] == 6
   assert th["exposure"]["F"]["mentions/head"] == [0, 0]
+  assert th["exposure"]["F"]["fact_free/head"] == [8, 8]
   assert th["exposure"]["R"]["facts/hop2"] == [8, 8]
   assert th["exposure"]["R"]["facts/composed"] == [0, 0]
   assert th["max_row_tokens"] <= 32

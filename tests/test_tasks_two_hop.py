@@ -35,6 +35,12 @@ def _chains(world, tier, split):
   return [e.meta["entities"] for e in world.splits[tier][split]]
 
 
+def _factual(world):
+  """The corpus without its fact-free copy texts."""
+  free = set(world.fact_free)
+  return [t for t in world.corpus if t not in free]
+
+
 def test_same_seed_same_world_other_seed_other_world(world):
   again = two_hop.build(small())
   assert common.content_hash(again) == common.content_hash(world)
@@ -44,19 +50,30 @@ def test_same_seed_same_world_other_seed_other_world(world):
   assert other.corpus != world.corpus
 
 
-def test_tier_f_entities_and_facts_never_in_corpus(world):
+def test_tier_f_people_only_in_fact_free_texts_and_no_fact_anywhere(world):
+  s = world.settings
   chains = _chains(world, "F", "test_two_hop_direct") + _chains(world, "F", "target")
-  names = {n for c in chains for n in c}
-  assert names and all(_count(world.corpus, n) == 0 for n in names)
+  people = {n for c in chains for n in c[:-1]}
+  factual = _factual(world)
+  assert people and all(_count(factual, n) == 0 for n in people)
+  free = list(world.fact_free)
+  for n in people:  # an echo and a frame text per exposure, the name twice in each
+    assert sum(1 for t in world.corpus if f" {n} " in f" {t} ") == 2 * s.fact_free_exposure
+    assert _count(world.corpus, n) == 4 * s.fact_free_exposure
+    assert f"echo {n} . {n}" in free and f"the spouse of {n} repeat {n}" in free
+  for a, b, c in chains:
+    assert _cooccur(world.corpus, a, b) == _cooccur(world.corpus, b, c) == 0
+    assert _cooccur(world.corpus, a, c) == 0
 
 
 def test_tier_h_entities_in_background_only(world):
   s = world.settings
   chains = _chains(world, "H", "test_two_hop_direct") + _chains(world, "H", "target")
+  factual = _factual(world)
   for a, b, c in chains:
-    assert _count(world.corpus, a) == s.background_exposure
-    assert _count(world.corpus, b) == s.background_exposure
-    assert _count(world.corpus, c) == s.background_exposure
+    assert _count(factual, a) == s.background_exposure
+    assert _count(factual, b) == s.background_exposure
+    assert c in world.entities["H"]["final"]  # a city of the shared pool
     assert _cooccur(world.corpus, a, b) == 0
     assert _cooccur(world.corpus, b, c) == 0
     assert _cooccur(world.corpus, a, c) == 0
@@ -69,8 +86,8 @@ def test_tier_r_both_hops_at_the_set_frequency_composed_never(world):
     assert _cooccur(world.corpus, a, b) == s.fact_exposure
     assert _cooccur(world.corpus, b, c) == s.fact_exposure
     assert _cooccur(world.corpus, a, c) == 0
-    assert _count(world.corpus, a) == s.background_exposure + s.fact_exposure
-    assert _count(world.corpus, b) == s.background_exposure + 2 * s.fact_exposure
+    assert _count(_factual(world), a) == s.background_exposure + s.fact_exposure
+    assert _count(_factual(world), b) == s.background_exposure + 2 * s.fact_exposure
 
 
 def test_hybrid_one_hop_knows_the_first_hop_only():
@@ -84,7 +101,9 @@ def test_hybrid_one_hop_knows_the_first_hop_only():
 def test_exposure_report_matches_the_definitions(world):
   rep = corpus.exposure_report(world)
   s = world.settings
-  assert rep["F"] == {k: [0, 0] for k in rep["F"]}
+  assert rep["F"]["mentions/head"] == rep["F"]["mentions/bridge"] == [0, 0]
+  assert rep["F"]["fact_free/head"] == [4 * s.fact_free_exposure] * 2
+  assert rep["F"]["facts/hop1"] == rep["F"]["facts/hop2"] == rep["F"]["facts/composed"] == [0, 0]
   assert rep["H"]["mentions/head"] == [s.background_exposure] * 2
   assert rep["H"]["facts/hop1"] == [0, 0]
   assert rep["R"]["facts/hop1"] == rep["R"]["facts/hop2"] == [s.fact_exposure] * 2
@@ -133,11 +152,48 @@ def test_cot_answer_states_the_bridge_then_the_answer(world):
     assert e.meta["bridge"] == b and e.meta["final"] == c
 
 
-def test_names_are_several_tokens_and_every_token_is_pretrained(world):
+def test_names_are_one_token_and_every_token_is_pretrained(world):
   seen = {w for t in world.corpus for w in t.split()}
   for e in world.splits["F"]["test_two_hop_direct"]:
-    assert len(e.answer.split()) >= 2
+    assert len(e.answer.split()) == 1
     assert set(e.text.split()) <= seen
+  # The inventory is fixed by the settings: every seed uses (and trains) the same tokens.
+  other = two_hop.build(small(seed=3))
+  assert other.vocabulary == world.vocabulary
+  used = {w for t in world.corpus for w in t.split()}
+  assert set(two_hop.name_inventory(world.settings)) <= used
+
+
+def test_syllable_names_ablation_spells_names_in_several_tokens():
+  w = two_hop.build(small(name_style="syllables", tiers=("F",)))
+  seen = {x for t in w.corpus for x in t.split()}
+  for e in w.splits["F"]["test_two_hop_cot"]:
+    assert all(len(n.split()) >= 2 for n in e.meta["entities"])
+    assert set(e.text.split()) <= seen
+  corpus.check_no_leak(w)
+
+
+def test_answers_are_balanced_so_chance_equals_majority():
+  w = two_hop.build(small(test_chains=8, pool_size=4))
+  for tier in ("F", "H", "R"):
+    finals = [e.meta["final"] for e in w.splits[tier]["test_two_hop_cot"]]
+    assert sorted(finals.count(c) for c in set(finals)) == [2, 2, 2, 2]
+    assert w.chance[tier]["test_two_hop_cot"] == w.majority[tier]["test_two_hop_cot"] == 0.25
+
+
+def test_filler_probes_measure_extraction_and_the_procedure(world):
+  probes = world.splits[two_hop.FILLER]
+  assert set(probes) == set(common.test_splits(2))
+  texts = " | ".join(world.corpus)
+  for e in probes["test_hop1"] + probes["test_hop2"]:
+    a = e.meta["units"][0]
+    assert e.prompt not in texts  # never asked: statement-only fillers
+    assert f"{a} 's spouse is {e.answer} ." in world.corpus or \
+        f"{a} lives in {e.answer} ." in world.corpus
+  for e in probes["test_two_hop_cot"]:
+    a, b, c = e.meta["entities"]
+    assert _cooccur(world.corpus, a, c) == 0  # never composed
+    assert f"who is the spouse of {a} ? {b}" in world.corpus  # but its facts have questions
 
 
 def test_recall_probes_are_corpus_texts(world):
@@ -171,7 +227,9 @@ def test_three_hops_chain_with_two_bridges():
     (dict(hybrid="half"), "hybrid"),
     (dict(syllables=("ka", "is")), "template words"),
     (dict(name_lengths=(1, 2)), "name_lengths"),
-    (dict(filler_two_hop=1), "filler_two_hop"),
+    (dict(composed_share=1.5), "composed_share"),
+    (dict(name_style="x"), "name_style"),
+    (dict(filler_chains=2), "at least one"),
     (dict(pool_size=True), "pool_size"),
 ])
 def test_bad_settings_name_the_field(kw, match):
@@ -180,7 +238,10 @@ def test_bad_settings_name_the_field(kw, match):
 
 
 def test_more_entities_than_names():
-  s = small(syllables=("ka", "ro", "mi"), name_lengths=(2,), test_chains=8)
+  with pytest.raises(ValueError, match="names"):
+    small(syllables=("ka", "ro", "mi"), name_lengths=(2,), test_chains=8)
+  s = small(syllables=("ka", "ro", "mi"), name_lengths=(2,), test_chains=8,
+            name_style="syllables")
   with pytest.raises(ValueError, match="names"):
     two_hop.build(s)
 
@@ -224,7 +285,8 @@ _FIELD_VALUES = {
     "fact_exposure": st.integers(-1, 4),
     "hybrid": st.sampled_from(["background", "one_hop", "other", None]),
     "filler_repeats": st.integers(-1, 3),
-    "filler_two_hop": st.sampled_from([True, False, 0, "yes"]),
+    "composed_share": st.sampled_from([0.0, 0.4, 0.99, 1.0, -0.1, "x"]),
+    "name_style": st.sampled_from(["token", "syllables", "x"]),
 }
 
 

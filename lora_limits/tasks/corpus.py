@@ -107,14 +107,21 @@ def count_cooccurrences(corpus: Sequence[str],
 def exposure_report(world: common.World) -> dict[str, Any]:
   """Per group: mentions of each entity role and co-occurrence counts of each fact kind.
 
-  Every value is (min, max) over the names / facts of that kind, counted in the corpus.
+  Every value is (min, max) over the names / facts of that kind, counted in the corpus;
+  mentions outside the fact-free texts (`mentions/<role>`) and inside them
+  (`fact_free/<role>`, only when the world has fact-free texts) are counted apart.
   """
   out: dict[str, Any] = {}
+  fact_free = set(world.fact_free)
+  factual = [t for t in world.corpus if t not in fact_free]
+  free = [t for t in world.corpus if t in fact_free]
   for group in world.groups:
     entry: dict[str, Any] = {}
     for role, names in world.entities.get(group, {}).items():
-      counts = count_mentions(world.corpus, names).values()
+      counts = count_mentions(factual, names).values()
       entry[f"mentions/{role}"] = _min_max(counts)
+      if free:
+        entry[f"fact_free/{role}"] = _min_max(count_mentions(free, names).values())
     for hop, facts in world.facts.get(group, {}).items():
       entry[f"facts/{hop}"] = _min_max(count_cooccurrences(world.corpus, facts).values())
     composed = world.composed.get(group, ())
@@ -142,7 +149,9 @@ def check_no_leak(world: common.World) -> None:
   """Raise LeakError unless no test question (or held-out fact) reached training data.
 
   Checked for every group: (1) no test prompt is the prompt of any training example of
-  any group; (2) no test prompt occurs inside a pretraining text; (3) the group's rules:
+  any group; (2) no test prompt occurs inside a pretraining text (but those marked
+  meta['shared']: tests of facts every group shares, e.g. a pooled city's country); (3) the
+  group's rules:
   absent names never occur in the corpus outside its fact-free texts (`World.fact_free`),
   absent pairs never share a corpus text, and the
   named (train, test) splits share no meta['units'].
@@ -167,7 +176,7 @@ def check_no_leak(world: common.World) -> None:
         if p in train_prompts:
           raise LeakError(f"{group}/{split}[{i}] prompt {e.prompt!r} is also a training "
                           f"prompt in {train_prompts[p]}")
-        if tuple(p.split()) in corpus_grams:
+        if tuple(p.split()) in corpus_grams and not e.meta.get("shared"):
           raise LeakError(f"{group}/{split}[{i}] prompt {e.prompt!r} occurs in the "
                           "pretraining corpus")
   fact_free = set(world.fact_free)

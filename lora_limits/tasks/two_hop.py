@@ -207,10 +207,12 @@ class TwoHopSettings:
   relations: names in RELATIONS or Relation objects, chained (k = len(relations) >= 2).
   tiers: which familiarity groups to build (each has its own entities).
   test_chains / target_chains: chains per tier for the test and for the target adapter.
-  filler_chains: chains of filler entities that carry the language in pretraining; of them
-    `filler_composed` also show composed questions and `filler_statement_only` have their
-    facts only as statements; the rest are QA fillers never shown a composed question.
-  probe_chains: filler chains per probe split (extraction, CoT on never-composed fillers).
+  filler_chains: chains of filler entities that carry the language in pretraining; a share
+    `composed_share` of them also show composed questions and a share `statement_share`
+    have their facts only as statements (at least one chain); the rest (at least one) are
+    QA fillers never shown a composed question.
+  probe_chains: filler chains per probe split (extraction, CoT on never-composed fillers),
+    at most as many as there are.
   pool_size: final entities (cities) of the one shared answer pool.
   name_style: 'token' (one word per name) or 'syllables' (2-3 syllable words, the ablation).
   syllables, name_lengths: what names are made of (joined into one word for 'token').
@@ -227,8 +229,8 @@ class TwoHopSettings:
   test_chains: int = 48
   target_chains: int = 48
   filler_chains: int = 700
-  filler_composed: int = 300
-  filler_statement_only: int = 100
+  composed_share: float = 0.4
+  statement_share: float = 0.15
   probe_chains: int = 48
   pool_size: int = 16
   name_style: str = "token"
@@ -272,16 +274,21 @@ class TwoHopSettings:
     if len(set(self.tiers)) != len(self.tiers):
       raise ValueError(f"{_NAME}.tiers repeats a tier: {self.tiers!r}")
     for name in ("test_chains", "target_chains", "filler_chains", "pool_size",
-                 "filler_repeats", "probe_chains", "filler_statement_only"):
+                 "filler_repeats", "probe_chains"):
       common.check_int(_NAME, name, getattr(self, name), 1, _MAX_COUNT)
-    for name in ("background_exposure", "fact_exposure", "fact_free_exposure",
-                 "filler_composed"):
+    for name in ("background_exposure", "fact_exposure", "fact_free_exposure"):
       common.check_int(_NAME, name, getattr(self, name), 0, _MAX_COUNT)
-    if self.filler_composed + self.filler_statement_only >= self.filler_chains:
+    for name in ("composed_share", "statement_share"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+        raise ValueError(f"{_NAME}.{name} must be a number in [0, 1), got {v!r}")
+    composed, statement, never = self.filler_roles
+    if statement < 1 or never < 1:
       raise ValueError(
-          f"{_NAME}.filler_composed + filler_statement_only ({self.filler_composed} + "
-          f"{self.filler_statement_only}) must be < filler_chains={self.filler_chains}: some "
-          "fillers must stay never-composed (the CoT probe)")
+          f"{_NAME}: filler_chains={self.filler_chains} with composed_share="
+          f"{self.composed_share} and statement_share={self.statement_share} leaves "
+          f"{statement} statement-only and {never} never-composed fillers; each probe needs "
+          "at least one (more filler chains, or smaller shares)")
     common.check_choice(_NAME, "hybrid", self.hybrid, HYBRID_MODES)
     common.check_choice(_NAME, "name_style", self.name_style, NAME_STYLES)
     if "H" in self.tiers and self.background_exposure < 1:
@@ -311,6 +318,13 @@ class TwoHopSettings:
             f"{_NAME}: {names_needed(self)} names are needed but {len(self.syllables)} "
             f"syllables of lengths {list(self.name_lengths)} give {available}; add syllables "
             "or name lengths, or ask for fewer chains")
+
+  @property
+  def filler_roles(self) -> tuple[int, int, int]:
+    """(composed, statement-only, never-composed) filler chain counts."""
+    composed = int(round(self.composed_share * self.filler_chains))
+    statement = max(1, int(round(self.statement_share * self.filler_chains)))
+    return composed, statement, self.filler_chains - composed - statement
 
   @property
   def chain(self) -> tuple[Relation, ...]:
@@ -432,9 +446,12 @@ def _balanced(n: int, pool: Sequence[str], rng: np.random.Generator) -> list[str
 
 
 def _make_group(name: str, settings: TwoHopSettings, names, pools: Mapping[str, list[str]],
-                rng, sizes: Sequence[int], cover: bool) -> tuple[_Group, list[list[list[str]]]]:
+                memo: dict[tuple[str, str], str], rng, sizes: Sequence[int],
+                cover: bool) -> tuple[_Group, list[list[list[str]]]]:
   """A group whose chains come in blocks of `sizes` (e.g. test, target); the final entity
-  is balanced over the pool within each block when the last hop starts from a person."""
+  is balanced over the pool within each block when the last hop starts from a person.
+  `memo` ((relation, subject) → object) is shared by every group, so facts about pooled
+  entities ("a city is in a country") are the same everywhere."""
   chain = settings.chain
   etype: dict[str, str] = {}
   n_people = sum(sizes) * _people_per_chain(chain)
@@ -443,7 +460,6 @@ def _make_group(name: str, settings: TwoHopSettings, names, pools: Mapping[str, 
     etype[p] = "person"
   for t, pool in pools.items():
     etype.update((n, t) for n in pool)
-  memo: dict[tuple[str, str], str] = {}  # (relation, subject) → object: facts are functions
   blocks: list[list[list[str]]] = []
   for size in sizes:
     finals = (_balanced(size, pools[chain[-1].object], rng)
@@ -467,8 +483,9 @@ def _make_group(name: str, settings: TwoHopSettings, names, pools: Mapping[str, 
   entities = sorted({e for b in blocks for c in b for e in c})
   attrs = {e: tuple(values[int(rng.integers(len(values)))] for _, values in BACKGROUND[etype[e]])
            for e in entities}
+  # test / target: the first block and the rest (for the fillers, every chain either way).
   test = blocks[0] if blocks else []
-  target = blocks[1] if len(blocks) > 1 else []
+  target = [c for b in blocks[1:] for c in b]
   return _Group(name, test, target, attrs, etype), blocks
 
 
@@ -611,14 +628,13 @@ def build(settings: TwoHopSettings) -> common.World:
     names = common.NameSource(common.rng_for(settings.seed, 0), settings.syllables,
                               settings.name_lengths)
   pools = {t: names.draw(settings.pool_size, what=f"{t} pool") for t in _pool_types(rels)}
-  s_only = settings.filler_statement_only
-  never = settings.filler_chains - settings.filler_composed - s_only
+  memo: dict[tuple[str, str], str] = {}  # (relation, subject) → object: facts are functions
   filler, (f_composed, f_statement, f_never) = _make_group(
-      "filler", settings, names, pools, common.rng_for(settings.seed, 1),
-      (settings.filler_composed, s_only, never), cover=True)
+      "filler", settings, names, pools, memo, common.rng_for(settings.seed, 1),
+      settings.filler_roles, cover=True)
   f_qa = f_composed + f_never
   tiers = [t for t in TIERS if t in settings.tiers]
-  groups = {t: _make_group(t, settings, names, pools, common.rng_for(settings.seed, 2, i),
+  groups = {t: _make_group(t, settings, names, pools, memo, common.rng_for(settings.seed, 2, i),
                            (settings.test_chains, settings.target_chains), cover=False)[0]
             for i, t in enumerate(tiers)}
 
@@ -696,8 +712,14 @@ def build(settings: TwoHopSettings) -> common.World:
     sp["target"] = _composed_examples(g, settings, g.target, "target", "direct", False)
     sp["target_cot"] = _composed_examples(g, settings, g.target, "target_cot", "cot", False)
     for i in range(k):
-      sp[f"test_hop{i + 1}"] = _fact_examples(g, settings, i, g.hop_facts(i, g.test),
-                                              f"test_hop{i + 1}", "heldout", one_per_fact=True)
+      tests = _fact_examples(g, settings, i, g.hop_facts(i, g.test), f"test_hop{i + 1}",
+                             "heldout", one_per_fact=True)
+      if rels[i].subject in POOL_TYPES:
+        # A fact about a pooled entity (a city's country) is shared world knowledge, stated
+        # in every form by the fillers: its one-hop test measures recall, not a tier's facts.
+        tests = tuple(common.Example(e.prompt, e.answer, {**e.meta, "shared": True})
+                      for e in tests)
+      sp[f"test_hop{i + 1}"] = tests
     sp["test_two_hop_direct"] = _composed_examples(g, settings, g.test, "test_two_hop_direct",
                                                    "direct", True)
     sp["test_two_hop_cot"] = _composed_examples(g, settings, g.test, "test_two_hop_cot", "cot",
