@@ -28,7 +28,7 @@ from lora_limits import data as data_lib
 from lora_limits import lora as lora_lib
 from lora_limits import train as train_lib
 from lora_limits.models import transformer
-from lora_limits.recycle import evaluate as eval_lib
+from lora_limits.recycle import score as score_lib
 from lora_limits.recycle import merge as merge_lib
 
 PAD, EOS = 0, 1
@@ -133,14 +133,14 @@ class LandscapeStudy:
     if not self.methods:
       raise ValueError("config.methods must name at least one method")
     if not self.metrics:
-      raise ValueError(f"config.metrics must name at least one of {list(eval_lib.METRICS)}")
+      raise ValueError(f"config.metrics must name at least one of {list(score_lib.METRICS)}")
     if self.train.rank > min(self.model.d_model, self.model.d_ff):
       raise ValueError(f"train.rank={self.train.rank} exceeds the smallest adapted kernel "
                        f"dimension min(model.d_model, model.d_ff)="
                        f"{min(self.model.d_model, self.model.d_ff)}")
     for m in self.metrics:
-      if m not in eval_lib.METRICS:
-        raise ValueError(f"config.metrics has {m!r}; allowed: {list(eval_lib.METRICS)}")
+      if m not in score_lib.METRICS:
+        raise ValueError(f"config.metrics has {m!r}; allowed: {list(score_lib.METRICS)}")
     if not 0.0 < self.ties_density <= 1.0:
       raise ValueError(f"config.ties_density must be in (0, 1], got {self.ties_density!r}")
     if self.chunk_size < 0 or not self.memory_budget_gb > 0:
@@ -206,7 +206,7 @@ def weight_grid(study: LandscapeStudy) -> np.ndarray:
     axis = np.linspace(g.low, g.high, g.steps, dtype=np.float32)
     w1, w2 = np.meshgrid(axis, axis, indexing="ij")
     return np.stack([w1.ravel(), w2.ravel()], axis=1)
-  return eval_lib.simplex_grid(study.num_adapters, g.steps - 1)
+  return score_lib.simplex_grid(study.num_adapters, g.steps - 1)
 
 
 def score_landscape(study: LandscapeStudy, params, adapters, world, cfg, grid_CxK) -> dict:
@@ -217,7 +217,7 @@ def score_landscape(study: LandscapeStudy, params, adapters, world, cfg, grid_Cx
     out[method] = {}
     for k in range(1, study.num_adapters + 1):
       batch = data_lib.lm_batch(world[f"task_{k}"], loss_on="answer")
-      scores = eval_lib.score_combinations(
+      scores = score_lib.score_combinations(
           params, adapters, grid_CxK, batch, cfg=cfg, method=method, metric=study.metrics,
           options=options, chunk_size=study.chunk_size or None,
           memory_budget_bytes=int(study.memory_budget_gb * 2**30))

@@ -2,12 +2,12 @@
 
 Modules: `merge` (merge(adapters, method, weights, flavor=..., **options) -> MergeResult and
 the method registries), `route` (Arrow, oracle, similarity routing), `lorahub` (few-shot
-weight search) and `evaluate` (score_combinations). The submodule `merge` keeps its name
+weight search) and `score` (score_combinations). The submodule `merge` keeps its name
 here, so call the function as `recycle.merge.merge(...)`.
 """
 
-from lora_limits.recycle import evaluate, lorahub, merge, route
-from lora_limits.recycle.evaluate import (
+from lora_limits.recycle import lorahub, merge, route, score
+from lora_limits.recycle.score import (
     METRICS, ScorePlan, estimate_bytes, make_plan, memory_analysis, score_combinations,
     sequence_metrics, simplex_grid)
 from lora_limits.recycle.lorahub import LoraHubConfig, LoraHubResult, lorahub_search

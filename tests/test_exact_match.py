@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lora_limits import data as data_lib
-from lora_limits import evaluate as ev
+from lora_limits import exact_match as ev
 from lora_limits import lora as lora_lib
 from lora_limits import tokenizer as tk
 from lora_limits import tree
