@@ -42,6 +42,7 @@ import numpy as np
 from bench import common
 from lora_limits import data as data_lib
 from lora_limits import lora as lora_lib
+from lora_limits import metrics
 from lora_limits.interop import hf
 from lora_limits.interop import peft as ipeft
 from lora_limits.models import transformer
@@ -152,7 +153,7 @@ def _dense_loss(params, stacked, batch, w_K, cfg):
   """Loss of one combination: W + Σ_k w_k s_k A_k B_k at every adapted kernel, then forward."""
   deltas = {p: f.scale * jnp.einsum("k,kir,kro->io", w_K, f.a, f.b) for p, f in stacked.items()}
   logits = transformer.apply(lora_lib.merge_dense(params, deltas), batch["inputs"], cfg)
-  return score.sequence_metrics(logits, batch["targets"], batch["weights"])["loss"]
+  return metrics.batch_metrics(logits, batch["targets"], batch["weights"])["loss"]
 
 
 @functools.cache

@@ -16,7 +16,7 @@ right iff the step (sentence) that states each bridge ends, as in the reference,
 anchor and the bridge ("A 's spouse is B ."), so a mis-copied subject does not count
 against the bridge. A generation without EOS within the budget is wrong.
 
-Teacher forcing (`answer_accuracy`, `teacher_forced`): one forward pass; a row is exact
+Teacher forcing (`teacher_forced`, with `metrics.row_metrics`): one forward pass; a row is exact
 iff the argmax at every answer position (answer tokens and EOS) equals the reference —
 which holds iff greedy decoding reproduces the reference answer exactly. For direct
 answers that is the greedy exact match; for CoT answers it is the stricter full-chain match.
@@ -35,6 +35,7 @@ import numpy as np
 
 from lora_limits import data as data_lib
 from lora_limits import lora as lora_lib
+from lora_limits import metrics as metrics_lib
 from lora_limits import tokenizer as tokenizer_lib
 from lora_limits.models import transformer
 from lora_limits.tasks import common
@@ -270,28 +271,11 @@ def score_split(split: str, texts: Sequence[str | None], examples: Sequence[comm
 # ----------------------------------------------------------------- teacher forcing
 
 
-def answer_accuracy(logits_BxTxV: jax.Array,
-                    batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """Per row: exact (argmax right at every weighted position), mean loss and token count.
-
-  `batch` has 'targets' and 'weights' [B, T] as made by `data.lm_batch(rows, 'answer')`;
-  jittable, and reusable wherever logits of answer rows are at hand.
-  """
-  targets, weights = batch["targets"], batch["weights"]
-  logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-  nll_BxT = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  hit = (jnp.argmax(logits_BxTxV, axis=-1) == targets) | (weights == 0)
-  count = jnp.sum(weights, axis=-1)
-  return {"exact": jnp.all(hit, axis=-1) & (count > 0),
-          "loss": jnp.sum(nll_BxT * weights, axis=-1) / jnp.maximum(count, 1.0),
-          "tokens": count}
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "mix_static"))
 def _teacher_forced_batch(params, batch, mix_arrays, *, cfg, mix_static):
   lora = _join_mix(mix_arrays, mix_static)
   logits = transformer.apply(params, batch["inputs"], cfg, lora=lora)
-  return answer_accuracy(logits, batch)
+  return metrics_lib.row_metrics(logits, batch["targets"], batch["weights"])
 
 
 def teacher_forced(params, cfg: transformer.ModelConfig, data: data_lib.Encoded, *,

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from lora_limits import lora as lora_lib
+from lora_limits import metrics as metrics_lib
 from lora_limits.models import transformer
-from lora_limits.recycle import score as score_lib
 from lora_limits.recycle import merge as merge_lib
+from lora_limits.recycle import score as score_lib
 
 CFG = transformer.ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, d_ff=24,
                               max_len=16)
@@ -56,7 +57,7 @@ def loop_reference(params, ads, batch, w, method, **opts):
     else:
       merged = merge_lib.merge(ads, method, row, **opts).apply(params)
     logits = transformer.apply(merged, jnp.asarray(batch["inputs"]), CFG)
-    return score_lib.sequence_metrics(logits, jnp.asarray(batch["targets"]),
+    return metrics_lib.batch_metrics(logits, jnp.asarray(batch["targets"]),
                                      jnp.asarray(batch["weights"]))
 
   out = {m: [] for m in METRICS}
@@ -103,7 +104,7 @@ def test_sum_merges_use_the_mixing_path_with_their_scale(setup):
 
 def test_compiles_once_per_shape(setup, monkeypatch):
   params, ads, batch, w = setup
-  monkeypatch.setattr(eval_lib, "_score_all", chex.assert_max_traces(score_lib._score_all, n=1))
+  monkeypatch.setattr(score_lib, "_score_all", chex.assert_max_traces(score_lib._score_all, n=1))
   score_lib._compiled.cache_clear()
   try:
     first = score_lib.score_combinations(params, ads, w, batch, cfg=CFG, chunk_size=2)
@@ -157,16 +158,16 @@ def test_chunk_size_follows_the_memory_budget(setup):
   assert capped.chunk == 5 and capped.padded == 20
 
 
-def test_sequence_metrics_by_hand():
+def test_batch_metrics_by_hand():
   logits = jnp.log(jnp.asarray([[[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]],
                                 [[0.1, 0.1, 0.8], [0.6, 0.2, 0.2], [0.2, 0.5, 0.3]]]))
   targets = jnp.asarray([[0, 1, 0], [2, 1, 1]])
   weights = jnp.asarray([[0.0, 1.0, 1.0], [0.0, 1.0, 1.0]])
-  m = score_lib.sequence_metrics(logits, targets, weights)
+  m = metrics_lib.batch_metrics(logits, targets, weights)
   np.testing.assert_allclose(float(m["loss"]), -np.log([0.8, 0.3, 0.2, 0.5]).mean(), rtol=1e-6)
   np.testing.assert_allclose(float(m["token_accuracy"]), 0.5)
   np.testing.assert_allclose(float(m["exact_match"]), 0.0)  # each row misses one position
-  m = score_lib.sequence_metrics(logits, targets, jnp.asarray([[0.0, 1.0, 0.0], [0, 0, 0]]))
+  m = metrics_lib.batch_metrics(logits, targets, jnp.asarray([[0.0, 1.0, 0.0], [0, 0, 0]]))
   np.testing.assert_allclose(float(m["exact_match"]), 1.0)  # the empty row is left out
 
 
