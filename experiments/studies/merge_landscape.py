@@ -39,7 +39,7 @@ _GRIDS = ("square", "simplex")
 class WorldSettings:
   """n_entities entity tokens; each relation maps every entity to a random entity."""
 
-  n_entities: int = 32
+  n_entities: int
 
   def __post_init__(self):
     if isinstance(self.n_entities, bool) or not isinstance(self.n_entities, int) or (
@@ -49,10 +49,10 @@ class WorldSettings:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
-  d_model: int = 64
-  n_layers: int = 2
-  n_heads: int = 4
-  d_ff: int = 128
+  d_model: int
+  n_layers: int
+  n_heads: int
+  d_ff: int
 
   def __post_init__(self):
     for name in ("d_model", "n_layers", "n_heads", "d_ff"):
@@ -66,13 +66,13 @@ class ModelSettings:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-  pretrain_steps: int = 300
-  lora_steps: int = 400
-  batch_size: int = 32
-  learning_rate: float = 3e-3
-  lora_learning_rate: float = 3e-3
-  rank: int = 8
-  alpha: float = 16.0
+  pretrain_steps: int
+  lora_steps: int
+  batch_size: int
+  learning_rate: float
+  lora_learning_rate: float
+  rank: int
+  alpha: float
 
   def __post_init__(self):
     for name in ("lora_steps", "batch_size", "rank"):
@@ -90,10 +90,10 @@ class TrainSettings:
 class GridSettings:
   """square: steps × steps points over [low, high]² (K = 2); simplex: coordinates i/steps."""
 
-  kind: str = "square"
-  steps: int = 13
-  low: float = -1.0
-  high: float = 2.0
+  kind: str
+  steps: int
+  low: float
+  high: float
 
   def __post_init__(self):
     if self.kind not in _GRIDS:
@@ -106,18 +106,18 @@ class GridSettings:
 
 @dataclasses.dataclass(frozen=True)
 class LandscapeStudy:
-  study: str = "merge_landscape"
-  seed: int = 0
-  num_adapters: int = 2
-  methods: tuple[str, ...] = ("mix", "uniform_factors", "ties")
-  ties_density: float = 0.5
-  metrics: tuple[str, ...] = ("exact_match", "loss")
-  chunk_size: int = 0  # 0: the largest within memory_budget_gb
-  memory_budget_gb: float = 4.0
-  world: WorldSettings = WorldSettings()
-  model: ModelSettings = ModelSettings()
-  train: TrainSettings = TrainSettings()
-  grid: GridSettings = GridSettings()
+  study: str
+  seed: int
+  num_adapters: int
+  methods: tuple[str, ...]
+  ties_density: float
+  metrics: tuple[str, ...]
+  chunk_size: int  # 0: the largest within memory_budget_gb
+  memory_budget_gb: float
+  world: WorldSettings
+  model: ModelSettings
+  train: TrainSettings
+  grid: GridSettings
 
   def __post_init__(self):
     if self.study != "merge_landscape":
