@@ -271,5 +271,6 @@ register(Recycler("oracle", _oracle, frozenset({"labels"}), {}, doc=(
 register(Recycler("similarity", _similarity, frozenset({"centroids"}), {"top_k": 1},
                   _check_top_k_temperature,
                   "Per query, the adapters whose training prompts are most similar."))
-register(Recycler("lorahub", _lorahub, frozenset({"shots"}), {"generations": 20, "shots": 16},
+register(Recycler("lorahub", _lorahub, frozenset({"shots"}),
+                  {"generations": lorahub_lib.LoraHubConfig().generations, "shots": 16},
                   _check_lorahub, "LoraHub: few-shot CMA-ES search of factor-wise weights."))
