@@ -20,7 +20,7 @@ from bench import common
 from bench import scoring
 from lora_limits import lora as lora_lib
 from lora_limits.models import transformer
-from lora_limits.recycle import evaluate
+from lora_limits.recycle import score
 
 DIMENSIONS = ("num_combinations", "num_adapters", "rank", "examples", "d_model", "chunk")
 
@@ -68,13 +68,13 @@ def _point(sizes: ScalingSizes, cache: dict, quiet: common.Quiet | None, *,
   w = scoring.make_weights(num_combinations, num_adapters, sizes.seed)
 
   def call():
-    return jax.block_until_ready(evaluate.score_combinations(
+    return jax.block_until_ready(score.score_combinations(
         params, adapters, w, batch, cfg=cfg, metric="loss", chunk_size=chunk))
 
   _, timings, rss = common.measure_interleaved({"ours": call}, repeats=sizes.repeats,
                                                budget_s=sizes.budget_s, quiet=quiet)
   timing, rss = timings["ours"], rss["ours"]
-  stats, plan = evaluate.memory_analysis(params, adapters, w, batch, cfg=cfg,
+  stats, plan = score.memory_analysis(params, adapters, w, batch, cfg=cfg,
                                          chunk_size=chunk)
   return {"num_combinations": num_combinations, "num_adapters": num_adapters, "rank": rank,
           "examples": examples, "d_model": d_model, "chunk": plan.chunk,

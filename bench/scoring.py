@@ -42,10 +42,11 @@ import numpy as np
 from bench import common
 from lora_limits import data as data_lib
 from lora_limits import lora as lora_lib
+from lora_limits import metrics
 from lora_limits.interop import hf
 from lora_limits.interop import peft as ipeft
 from lora_limits.models import transformer
-from lora_limits.recycle import evaluate
+from lora_limits.recycle import score
 
 CONTENDERS = ("ours", "dense_map", "jax_loop", "peft")
 AGREEMENT_ATOL = 1e-4  # max |Δ loss| allowed between contenders (float32, two frameworks)
@@ -67,7 +68,7 @@ class ScoringSizes:
   peft: bool = True
   # memory_check: compile-only plans at these C and budgets (bytes)
   memory_combinations: tuple[int, ...] = (16, 256, 4096, 65536)
-  memory_budgets: tuple[int, ...] = (evaluate.DEFAULT_MEMORY_BUDGET, 64 * 2**20)
+  memory_budgets: tuple[int, ...] = (score.DEFAULT_MEMORY_BUDGET, 64 * 2**20)
   repeats: int = 3
   budget_s: float = 4.0  # fewer repeats when one call takes longer than budget_s / repeats
   seed: int = 0
@@ -90,7 +91,7 @@ def loop_combinations(sizes: ScoringSizes, examples: int) -> int:
 
 def plan_chunk(params, adapters, num_combinations: int, batch, cfg) -> int:
   """The chunk score_combinations' default plan takes for this shape."""
-  return evaluate.make_plan(params, adapters, num_combinations,
+  return score.make_plan(params, adapters, num_combinations,
                             tuple(np.shape(batch["inputs"])), cfg=cfg).chunk
 
 
@@ -152,7 +153,7 @@ def _dense_loss(params, stacked, batch, w_K, cfg):
   """Loss of one combination: W + Σ_k w_k s_k A_k B_k at every adapted kernel, then forward."""
   deltas = {p: f.scale * jnp.einsum("k,kir,kro->io", w_K, f.a, f.b) for p, f in stacked.items()}
   logits = transformer.apply(lora_lib.merge_dense(params, deltas), batch["inputs"], cfg)
-  return evaluate.sequence_metrics(logits, batch["targets"], batch["weights"])["loss"]
+  return metrics.batch_metrics(logits, batch["targets"], batch["weights"])["loss"]
 
 
 @functools.cache
@@ -181,7 +182,7 @@ def dense_map(setup: Setup, stacked, batch, weights_CxK, chunk: int) -> np.ndarr
 
 
 def ours(setup: Setup, adapters, batch, weights_CxK, chunk: int | None) -> np.ndarray:
-  out = evaluate.score_combinations(setup.params, adapters, weights_CxK, batch, cfg=setup.cfg,
+  out = score.score_combinations(setup.params, adapters, weights_CxK, batch, cfg=setup.cfg,
                                     method="mix", metric="loss", chunk_size=chunk)
   return np.asarray(jax.block_until_ready(out))
 
@@ -269,12 +270,12 @@ def _entry(timing: common.Timing, combos: int, rss_growth: int, **extra) -> dict
 
 def ours_memory(setup: Setup, adapters, batch, weights_CxK, chunk: int | None) -> dict[str, Any]:
   """XLA's buffer sizes for the plan score_combinations compiles (compiles it once more)."""
-  stats, plan = evaluate.memory_analysis(setup.params, adapters, weights_CxK, batch,
+  stats, plan = score.memory_analysis(setup.params, adapters, weights_CxK, batch,
                                          cfg=setup.cfg, method="mix", chunk_size=chunk)
   return {"chunk": plan.chunk, "padded": plan.padded,
           "xla_temp_bytes": int(stats.temp_size_in_bytes),
           "xla_argument_bytes": int(stats.argument_size_in_bytes),
-          "estimate_bytes_per_combination": evaluate.estimate_bytes(
+          "estimate_bytes_per_combination": score.estimate_bytes(
               setup.cfg, tuple(np.shape(batch["inputs"])), plan.route, adapters)}
 
 
@@ -388,7 +389,7 @@ def memory_check(sizes: ScoringSizes, workdir: pathlib.Path, *, num_adapters: in
         w = make_weights(c, num_adapters, sizes.seed)
         entry = {"examples": n_examples, "num_combinations": c, "budget_bytes": int(budget)}
         try:
-          stats, plan = evaluate.memory_analysis(setup.params, setup.adapters, w, batch,
+          stats, plan = score.memory_analysis(setup.params, setup.adapters, w, batch,
                                                  cfg=setup.cfg, memory_budget_bytes=int(budget))
         except ValueError as e:  # the plan refuses a budget one combination cannot fit
           entry.update(refused=str(e), within_budget=True)

@@ -27,8 +27,8 @@ from bench import common
 from bench import scoring
 from bench import training
 from lora_limits import lora as lora_lib
+from lora_limits import metrics
 from lora_limits.models import transformer
-from lora_limits.recycle import evaluate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +123,7 @@ def dispatch_us(calls: int = 2000) -> float:
 def _mix_loss(params, stacked, batch, w_K, cfg):
   logits = transformer.apply(params, batch["inputs"], cfg,
                              lora=lora_lib.LoraMix(stack=stacked, weights=w_K))
-  return evaluate.sequence_metrics(logits, batch["targets"], batch["weights"])["loss"]
+  return metrics.batch_metrics(logits, batch["targets"], batch["weights"])["loss"]
 
 
 def _one_combination_flops(fn, *args) -> float | None:

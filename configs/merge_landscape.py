@@ -15,22 +15,21 @@ keeps most of a single adapter (0.94 / 0.97 at e_k) and also fails at (1, 1) (0.
 landscape.json holds every score; landscape_exact_match.png and landscape_loss.png the maps.
 """
 
-import dataclasses
-
 import ml_collections
 
 
-def _fields(obj) -> dict:
-  out = {}
-  for f in dataclasses.fields(obj):
-    v = getattr(obj, f.name)
-    out[f.name] = ml_collections.ConfigDict(_fields(v)) if dataclasses.is_dataclass(v) else v
-  return out
-
-
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  from experiments.studies import merge_landscape  # the typed defaults live with the study
-  config = ml_collections.ConfigDict(_fields(merge_landscape.LandscapeStudy()))
+  config = ml_collections.ConfigDict(dict(
+      study="merge_landscape", seed=0, num_adapters=2,
+      methods=("mix", "uniform_factors", "ties"), ties_density=0.5,
+      metrics=("exact_match", "loss"),
+      chunk_size=0,  # 0: the largest within memory_budget_gb
+      memory_budget_gb=4.0,
+      world=dict(n_entities=32),
+      model=dict(d_model=64, n_layers=2, n_heads=4, d_ff=128),
+      train=dict(pretrain_steps=300, lora_steps=400, batch_size=32, learning_rate=3e-3,
+                 lora_learning_rate=3e-3, rank=8, alpha=16.0),
+      grid=dict(kind="square", steps=13, low=-1.0, high=2.0)))
   if variant == "simplex3":
     config.num_adapters = 3
     config.grid.kind = "simplex"

@@ -21,5 +21,7 @@ def get_config(variant: str = "") -> config_dict.ConfigDict:
   c.model.update(dict(d_model=32, n_layers=1, n_heads=2, d_ff=64))
   c.pretrain.update(dict(steps=40, batch_size=32, warmup_steps=5, save_every=20))
   c.adapters.update(dict(rank=2, alpha=4.0, max_steps=20, batch_size=16, eval_every=10))
-  c.recycle.update(dict(methods=("sum", "arrow"), svd_rank=2, lorahub_generations=2))
+  c.recycle.methods = ("sum", "arrow")
+  c.recycle.options.svd.rank = 2
+  c.recycle.options.lorahub.generations = 2
   return c

@@ -21,15 +21,26 @@ import dataclasses
 
 import ml_collections
 
+from lora_limits.theory import kv_model as kv
+
 
 def _fields(obj) -> dict:
-  out = {}
-  for f in dataclasses.fields(obj):
-    v = getattr(obj, f.name)
-    out[f.name] = ml_collections.ConfigDict(_fields(v)) if dataclasses.is_dataclass(v) else v
-  return out
+  """A library config record (toy model, GD schedule) as a dict, its defaults included."""
+  return dataclasses.asdict(obj)
 
 
 def get_config() -> ml_collections.ConfigDict:
-  from experiments.studies import theory  # the typed defaults live with the study
-  return ml_collections.ConfigDict(_fields(theory.TheoryStudy()))
+  return ml_collections.ConfigDict(dict(
+      study="theory", seed=0,
+      toy=_fields(kv.KVConfig(n_entities=128, d_ff=512)),
+      readout="lstsq", readout_steps=400,
+      chance_z=3.0,  # 'at chance': accuracy <= 1/N + z·√(p(1−p)/m)
+      prop1=dict(entity=0, relation=0, cosine_min=0.99, relative_error_max=0.05,
+                 gd=_fields(kv.GDConfig(steps=300, learning_rate=0.2, init_scale=1e-3,
+                                        record_every=2))),
+      multi_fact=dict(n_facts=16, ranks=(), fit_tolerance=1e-3,
+                      gd=_fields(kv.GDConfig(steps=3000, learning_rate=0.1, init_scale=1e-3))),
+      two_hop=dict(n_chains=32, expert_source="trained", rank=0, one_hop_min=0.95,
+                   target_min=0.95, bridge_min=0.95,
+                   gd=_fields(kv.GDConfig(steps=3000, learning_rate=0.1, init_scale=1e-3))),
+      arrow=dict(top_k=(1, 2), temperature=1.0)))

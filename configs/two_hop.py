@@ -10,7 +10,7 @@ chance on two-hop questions about tier-F entities; see runs/two_hop/report.md.
 
 from ml_collections import config_dict
 
-from experiments import pipeline
+from lora_limits import lora
 
 
 def get_config(variant: str = "") -> config_dict.ConfigDict:
@@ -27,13 +27,20 @@ def get_config(variant: str = "") -> config_dict.ConfigDict:
   c.pretrain = config_dict.ConfigDict(dict(steps=2500, batch_size=64, learning_rate=3e-3,
                                            warmup_steps=50, weight_decay=0.0, save_every=500))
   c.adapters = config_dict.ConfigDict(dict(
-      rank=8, alpha=16.0, targets=pipeline.AdapterSection.targets, rslora=False, dropout=0.0,
+      rank=8, alpha=16.0, targets=lora.DEFAULT_TARGETS, rslora=False, dropout=0.0,
       max_steps=600, batch_size=32, learning_rate=5e-3, warmup_steps=10, stop_accuracy=0.95,
       eval_every=25))
   c.recycle = config_dict.ConfigDict(dict(
-      libraries=tuple(pipeline.LIBRARIES), methods=pipeline.METHODS, ties_density=0.5,
-      dare_density=0.5, svd_rank=8, knots_inner="ties", arrow_top_k=1, arrow_temperature=1.0,
-      lorahub_generations=20, lorahub_shots=16, similarity_top_k=1, distractors=0))
+      libraries=("two", "two_plus_target"),
+      # Any name of the recycler registry (lora_limits.recycle.recyclers.registry()).
+      methods=("uniform_factors", "uniform_delta", "sum", "ties", "dare_ties", "cat", "svd",
+               "knots", "arrow", "oracle", "lorahub", "similarity"),
+      # Per method, options over the registry entry's defaults.
+      options=dict(ties=dict(density=0.5), dare_ties=dict(density=0.5), svd=dict(rank=8),
+                   knots=dict(inner="ties", density=0.5),
+                   arrow=dict(top_k=1, temperature=1.0), lorahub=dict(generations=20, shots=16),
+                   similarity=dict(top_k=1)),
+      distractors=0))
   c.eval_batch_size = 64
   if variant == "quick":
     c.seeds = (0,)

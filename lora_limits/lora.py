@@ -9,6 +9,8 @@ rsLoRA), so gradients and optimizer state exist only for `a` and `b`.
 `LoraMix` is what the model's forward consults to run adapters *unmerged*:
 y = x W + Σ_k w_k s_k (x A_k) B_k, with weights shaped [K], [B, K] or [B, T, K] (broadcast),
 or produced per token and per layer by a router. One adapter for training is a K = 1 mix.
+A `LoraMix` is a pytree (its router, mode and dropout are static), so it passes through
+`jax.jit` as an argument.
 """
 
 from __future__ import annotations
@@ -291,6 +293,23 @@ class LoraMix:
       xa_mixed = jnp.einsum("...kr,...k->...r", xa, w)
       y = jnp.einsum("...r,...k,kro->...o", xa_mixed, w, b)
     return f.scale * y, routing
+
+
+def _flatten_mix(mix: LoraMix):
+  return (mix.stack, mix.weights, mix.router_state), (mix.router, mix.mode, mix.dropout)
+
+
+def _unflatten_mix(static, children) -> LoraMix:
+  # No __post_init__: transformations rebuild the mix with placeholder leaves.
+  mix = object.__new__(LoraMix)
+  for name, value in zip(("stack", "weights", "router_state", "router", "mode", "dropout"),
+                         tuple(children) + tuple(static)):
+    object.__setattr__(mix, name, value)
+  return mix
+
+
+# A pytree: the arrays are leaves (jit arguments), the router, mode and dropout static.
+jax.tree_util.register_pytree_node(LoraMix, _flatten_mix, _unflatten_mix)
 
 
 def _broadcast_weights(w: jax.Array, x_ndim: int) -> jax.Array:

@@ -26,6 +26,7 @@ import optax
 from lora_limits import checkpoint as ckpt_lib
 from lora_limits import data as data_lib
 from lora_limits import lora as lora_lib
+from lora_limits import metrics as metrics_lib
 from lora_limits import sharding as shard_lib
 from lora_limits.models import transformer
 
@@ -97,20 +98,6 @@ jax.tree_util.register_dataclass(TrainState, data_fields=["step", "trainable", "
                                  meta_fields=[])
 
 
-def lm_loss(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array):
-  """Weighted mean next-token cross-entropy, token accuracy and row exact match."""
-  logp = jax.nn.log_softmax(logits_BxTxV, axis=-1)
-  nll = -jnp.take_along_axis(logp, targets_BxT[..., None], axis=-1)[..., 0]
-  total = jnp.maximum(weights_BxT.sum(), 1.0)
-  loss = (nll * weights_BxT).sum() / total
-  correct = (jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT).astype(jnp.float32)
-  token_acc = (correct * weights_BxT).sum() / total
-  has_target = weights_BxT.sum(axis=-1) > 0
-  row_ok = jnp.all((correct > 0) | (weights_BxT == 0), axis=-1) & has_target
-  exact = row_ok.sum() / jnp.maximum(has_target.sum(), 1)
-  return loss, {"loss": loss, "token_accuracy": token_acc, "exact_match": exact}
-
-
 def make_train_step(model_cfg: transformer.ModelConfig, optimizer: optax.GradientTransformation,
                     *, kind: str, key: jax.Array, lora_dropout: float = 0.0):
   """step(state, frozen, batch) -> (state, metrics); `kind` is 'full' or 'lora'.
@@ -129,7 +116,8 @@ def make_train_step(model_cfg: transformer.ModelConfig, optimizer: optax.Gradien
       mix = lora_lib.LoraMix.single(trainable, dropout=lora_dropout)
       logits = transformer.apply(frozen, batch["inputs"], model_cfg, lora=mix,
                                  dropout_key=step_key if lora_dropout > 0 else None, **packing)
-    return lm_loss(logits, batch["targets"], batch["weights"])
+    metrics = metrics_lib.batch_metrics(logits, batch["targets"], batch["weights"])
+    return metrics["loss"], metrics
 
   def step(state: TrainState, frozen, batch):
     step_key = jax.random.fold_in(key, state.step)

@@ -7,6 +7,7 @@ import pytest
 
 from lora_limits import data as data_lib
 from lora_limits import lora as lora_lib
+from lora_limits import metrics as metrics_lib
 from lora_limits import train as train_lib
 from lora_limits.models import transformer
 
@@ -80,10 +81,10 @@ def test_packed_logits_and_loss_equal_one_by_one(loss_on):
   # The packed loss is the unpacked loss: same weighted positions, same values.
   unpacked = data_lib.lm_batch(data, loss_on)
   logits_u = alone_fn(jnp.asarray(unpacked["inputs"]))
-  loss_u, _ = train_lib.lm_loss(logits_u, jnp.asarray(unpacked["targets"]),
-                                jnp.asarray(unpacked["weights"]))
-  loss_p, _ = train_lib.lm_loss(logits, jnp.asarray(batch["targets"]),
-                                jnp.asarray(batch["weights"]))
+  loss_u = metrics_lib.batch_metrics(logits_u, jnp.asarray(unpacked["targets"]),
+                                     jnp.asarray(unpacked["weights"]))["loss"]
+  loss_p = metrics_lib.batch_metrics(logits, jnp.asarray(batch["targets"]),
+                                     jnp.asarray(batch["weights"]))["loss"]
   assert float(batch["weights"].sum()) == float(unpacked["weights"].sum())
   np.testing.assert_allclose(float(loss_p), float(loss_u), rtol=1e-5)
 

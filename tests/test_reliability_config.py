@@ -25,7 +25,8 @@ import ml_collections
 import pytest
 
 import reliability_smoke as smoke
-from experiments import pipeline, run as run_lib, schema
+from experiments import run as run_lib, schema
+from experiments.studies import recycling
 from experiments.studies import data as data_study
 from experiments.studies import merge_landscape as landscape_study
 from experiments.studies import theory as theory_study
@@ -33,7 +34,7 @@ from experiments.studies import theory as theory_study
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 PARSERS = {
-    "recycling": pipeline.parse,
+    "recycling": recycling.parse,
     "data": lambda c: schema.build(data_study.DataStudy, c, "config"),
     "merge_landscape": lambda c: schema.build(landscape_study.LandscapeStudy, c, "config"),
     "theory": lambda c: schema.build(theory_study.TheoryStudy, c, "config"),
@@ -220,30 +221,30 @@ def test_wrong_types_name_the_field_and_the_value():
            "model.tie_embeddings": 1, "seeds": (0.5,), "world.pool_size": "4"}
   for field, bad in cases.items():
     with pytest.raises(schema.ConfigError) as info:
-      pipeline.parse(with_value(config, field, bad))
+      recycling.parse(with_value(config, field, bad))
     assert field.split(".")[-1] in str(info.value) and repr(bad).strip("(),") in str(info.value)
 
 
 @pytest.mark.parametrize("field,bad,match", [
     ("adapters.rank", 0, r"rank must be > 0|rank must be a positive int"),
-    ("recycle.ties_density", 1.5, r"ties_density must be in \(0, 1\]"),
-    ("recycle.dare_density", 0.0, r"dare_density must be in \(0, 1\]"),
-    ("recycle.arrow_top_k", 3, r"arrow_top_k .* must be <= 2"),
-    ("recycle.similarity_top_k", 3, r"similarity_top_k must be <= 2"),
+    ("recycle.options.ties.density", 1.5, r"recycle.options.ties: density=1.5 must be a number in \(0, 1\]"),
+    ("recycle.options.dare_ties.density", 0.0, r"recycle.options.dare_ties: density=0.0 must be a number in \(0, 1\]"),
+    ("recycle.options.arrow.top_k", 3, r"arrow.top_k must be <= 2"),
+    ("recycle.options.similarity.top_k", 3, r"similarity.top_k must be <= 2"),
     ("seeds", (-1,), r"seeds must be >= 0"),
     ("pretrain.steps", -5, r"pretrain.steps must be > 0"),
     ("world.test_chains", -1, r"test_chains"),
     ("world.tiers", ("F", "Q"), r"tiers='Q' is not one of"),
     ("recycle.methods", ("sum", "magic"), r"recycle.methods has 'magic'"),
     ("task", "poetry", r"task='poetry' is not one of"),
-    ("recycle.knots_inner", "nope", r"knots_inner='nope' is not one of"),
+    ("recycle.options.knots.inner", "nope", r"knots: inner='nope' is not one of"),
     ("pretrain.learning_rate", float("nan"), r"pretrain.learning_rate must be a finite number"),
 ])
 def test_the_issue_examples(field, bad, match):
   """rank <= 0, density outside (0, 1], top-k > K, negative seeds or counts, unknown tier,
   method, task."""
   with pytest.raises(schema.ConfigError, match=match):
-    pipeline.parse(with_value(CONFIGS["smoke"].to_dict(), field, bad))
+    recycling.parse(with_value(CONFIGS["smoke"].to_dict(), field, bad))
 
 
 @pytest.mark.parametrize("field,bad", [
@@ -253,7 +254,7 @@ def test_the_issue_examples(field, bad, match):
 ])
 def test_model_dependent_fields_are_checked_before_compute(field, bad):
   with pytest.raises(schema.ConfigError, match=field.split(".")[-1]):
-    pipeline.parse(with_value(CONFIGS["smoke"].to_dict(), field, bad))
+    recycling.parse(with_value(CONFIGS["smoke"].to_dict(), field, bad))
 
 
 @pytest.mark.parametrize("study", run_lib.available_studies())
@@ -279,9 +280,9 @@ def test_unknown_study_is_refused_by_the_entry_point(tmp_path):
 
 def test_command_line_override_is_refused_before_compute(tmp_path):
   proc = subprocess.run(
-      smoke.command(tmp_path / "w", "--config.recycle.ties_density=0.0"), cwd=smoke.REPO,
+      smoke.command(tmp_path / "w", "--config.recycle.options.ties.density=0.0"), cwd=smoke.REPO,
       env=smoke.environment(), capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
-  assert "recycle.ties_density must be in (0, 1], got 0.0" in proc.stderr
+  assert "recycle.options.ties: density=0.0 must be a number in (0, 1]" in proc.stderr
   assert "stage" not in proc.stderr  # no stage started
   assert not (tmp_path / "w" / "cache").exists()

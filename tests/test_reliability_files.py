@@ -25,8 +25,10 @@ from hypothesis import strategies as st
 
 import reliability_smoke as smoke
 from configs import smoke as smoke_config
-from experiments import common, pipeline, report
+from experiments import common, schema
 from experiments.studies import data as data_study
+from experiments.studies import recycling
+from experiments.studies.recycling import report
 from lora_limits import checkpoint as ckpt_lib
 from lora_limits import lora as lora_lib
 from lora_limits import tokenizer as tok_lib
@@ -380,8 +382,8 @@ def smoke_copy(tmp_path_factory, tmp_path):
   reference = smoke.reference_run(tmp_path_factory.getbasetemp())
   workdir = tmp_path / "work"
   shutil.copytree(reference, workdir)
-  cfg = pipeline.parse(smoke_config.get_config())
-  assert json.loads((reference / "config.json").read_text()) == pipeline.schema.to_dict(cfg)
+  cfg = recycling.parse(smoke_config.get_config())
+  assert json.loads((reference / "config.json").read_text()) == schema.to_dict(cfg)
   return workdir, cfg
 
 
@@ -395,7 +397,7 @@ def test_pipeline_refuses_a_damaged_cached_base(smoke_copy):
   with pytest.raises(ckpt_lib.CheckpointError, match=(
       rf"checkpoint step 40 in {step_dir.parent} cannot be restored: file {step_dir}/state/\S+ "
       r"was altered")):
-    pipeline.run(cfg, workdir)
+    recycling.run(cfg, workdir)
   assert not (workdir / "results.jsonl").exists()
 
 
@@ -405,7 +407,7 @@ def test_pipeline_refuses_a_half_written_unit(smoke_copy):
   before = (workdir / "results.jsonl").read_bytes()
   _truncate_mid_line(unit)
   with pytest.raises(ValueError, match=rf"{unit} does not match its SHA-256"):
-    pipeline.run(cfg, workdir)
+    recycling.run(cfg, workdir)
   assert (workdir / "results.jsonl").read_bytes() == before
 
 
@@ -418,8 +420,8 @@ def test_base_json_lost_after_the_final_checkpoint_is_rebuilt_without_training(s
   before, history = json.loads(info_path.read_text()), metrics.read_bytes()
   info_path.unlink()
   tokenizer = tok_lib.load(str(workdir / "tokenizer"))
-  world = pipeline.build_world(cfg, 0)
-  base = pipeline.pretrained_base(cfg, world, tokenizer, workdir / "cache", 0)
+  world = recycling.config.build_world(cfg, 0)
+  base = recycling.stages.pretrained_base(cfg, world, tokenizer, workdir / "cache", 0)
   after = json.loads(info_path.read_text())
   assert metrics.read_bytes() == history
   before.pop("train_seconds")
@@ -433,7 +435,7 @@ def test_truncated_unit_file_at_a_line_boundary_is_not_trusted(smoke_copy):
   lines = unit.read_text().splitlines(keepends=True)
   unit.write_text("".join(lines[:len(lines) // 2]))
   with pytest.raises(ValueError, match=str(unit)):
-    pipeline.run(cfg, workdir)
+    recycling.run(cfg, workdir)
 
 
 # ------------------------------------------------------------------- fuzzed loader inputs

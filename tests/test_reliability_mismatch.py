@@ -22,7 +22,7 @@ from lora_limits import lora as lora_lib
 from lora_limits import train
 from lora_limits.interop import peft
 from lora_limits.models import transformer
-from lora_limits.recycle import evaluate as eval_lib
+from lora_limits.recycle import score as score_lib
 from lora_limits.recycle import merge as merge_lib
 
 BASE = transformer.ModelConfig(vocab_size=24, d_model=16, n_layers=1, n_heads=2, d_ff=32)
@@ -71,7 +71,7 @@ def _entry_points(params, adapter):
                                            lora=lora_lib.LoraMix.single(adapter)),
       "lora.merge": lambda: lora_lib.merge(params, adapter),
       "merged library forward": lambda: merge_lib.merge([adapter], "sum").apply(params),
-      "score_combinations": lambda: eval_lib.score_combinations(
+      "score_combinations": lambda: score_lib.score_combinations(
           params, [adapter, adapter], weights, batch, cfg=BASE),
       "stack with a fitting adapter": lambda: transformer.apply(
           params, TOKENS, BASE, lora=lora_lib.LoraMix.of([own, adapter])),
@@ -117,7 +117,7 @@ def test_other_targets_are_refused_in_a_library(params):
   with pytest.raises(ValueError, match=match):
     merge_lib.merge([all_targets, attention], "ties", density=0.5)
   with pytest.raises(ValueError, match=match):
-    eval_lib.score_combinations(params, [all_targets, attention], np.ones((1, 2)), batch,
+    score_lib.score_combinations(params, [all_targets, attention], np.ones((1, 2)), batch,
                                 cfg=BASE)
   # Alone, an adapter of fewer targets fits.
   transformer.apply(params, TOKENS, BASE, lora=lora_lib.LoraMix.single(attention))
@@ -146,7 +146,7 @@ def test_adapter_in_another_dtype_is_refused(params, dtype):
   # The recycling merges compute in float32, so a merged bfloat16 library fits a float32
   # model (promotion, exact); on a bfloat16 model its float32 result is refused as above.
   with pytest.raises(ValueError, match=r"has dtype"):
-    eval_lib.score_combinations(params, [cast, cast], np.ones((1, 2)), {
+    score_lib.score_combinations(params, [cast, cast], np.ones((1, 2)), {
         k: jnp.asarray(v) for k, v in data_lib.lm_batch(data_lib.encode(
             [([3, 4, 5], [6, 7])], eos_id=1, pad_id=0), "answer").items()}, cfg=BASE)
 
@@ -194,18 +194,18 @@ def test_chunk_is_chosen_within_the_memory_budget(params, method):
   ads, batch, w = _scoring_setup(params)
   shape = tuple(batch["inputs"].shape)
   route = "mix" if method == "mix" else "dense"
-  per = eval_lib.estimate_bytes(BASE, shape, route, ads)
+  per = score_lib.estimate_bytes(BASE, shape, route, ads)
   fixed = sum(x.nbytes for x in jax.tree.leaves((params, ads)))
   opts = {"density": 0.5} if method == "ties" else None
   for room in (1, 2, 5):
     budget = fixed + room * per + 1
-    plan = eval_lib.make_plan(params, ads, len(w), shape, cfg=BASE, method=method,
+    plan = score_lib.make_plan(params, ads, len(w), shape, cfg=BASE, method=method,
                               options=opts, memory_budget_bytes=budget, chunk_target_bytes=None)
     assert plan.chunk == room and fixed + plan.chunk * per <= budget
-  small = eval_lib.score_combinations(params, ads, w, batch, cfg=BASE, method=method,
+  small = score_lib.score_combinations(params, ads, w, batch, cfg=BASE, method=method,
                                       options=opts, memory_budget_bytes=fixed + 2 * per + 1,
                                       chunk_target_bytes=None)
-  whole = eval_lib.score_combinations(params, ads, w, batch, cfg=BASE, method=method,
+  whole = score_lib.score_combinations(params, ads, w, batch, cfg=BASE, method=method,
                                       options=opts, chunk_size=len(w))
   np.testing.assert_allclose(np.asarray(small), np.asarray(whole), rtol=1e-5)
 
@@ -215,8 +215,8 @@ def test_a_budget_that_cannot_hold_one_combination_says_what_fits(params):
   fixed = sum(x.nbytes for x in jax.tree.leaves((params, ads)))
   with pytest.raises(ValueError, match=r"memory_budget_bytes=\d+ .* cannot hold one combination:"
                                        r" parameters and adapters take .* MiB .* chunk_size=1"):
-    eval_lib.score_combinations(params, ads, w, batch, cfg=BASE, memory_budget_bytes=fixed)
+    score_lib.score_combinations(params, ads, w, batch, cfg=BASE, memory_budget_bytes=fixed)
   # The documented way out: an explicit chunk runs regardless of the estimate.
-  got = eval_lib.score_combinations(params, ads, w, batch, cfg=BASE, memory_budget_bytes=fixed,
+  got = score_lib.score_combinations(params, ads, w, batch, cfg=BASE, memory_budget_bytes=fixed,
                                     chunk_size=1)
   assert got.shape == (len(w),) and bool(jnp.all(jnp.isfinite(got)))

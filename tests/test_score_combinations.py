@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from lora_limits import lora as lora_lib
+from lora_limits import metrics as metrics_lib
 from lora_limits.models import transformer
-from lora_limits.recycle import evaluate as eval_lib
 from lora_limits.recycle import merge as merge_lib
+from lora_limits.recycle import score as score_lib
 
 CFG = transformer.ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, d_ff=24,
                               max_len=16)
@@ -56,7 +57,7 @@ def loop_reference(params, ads, batch, w, method, **opts):
     else:
       merged = merge_lib.merge(ads, method, row, **opts).apply(params)
     logits = transformer.apply(merged, jnp.asarray(batch["inputs"]), CFG)
-    return eval_lib.sequence_metrics(logits, jnp.asarray(batch["targets"]),
+    return metrics_lib.batch_metrics(logits, jnp.asarray(batch["targets"]),
                                      jnp.asarray(batch["weights"]))
 
   out = {m: [] for m in METRICS}
@@ -75,7 +76,7 @@ def loop_reference(params, ads, batch, w, method, **opts):
 ])
 def test_equals_a_loop_of_single_evaluations(setup, method, opts, chunk):
   params, ads, batch, w = setup
-  got = eval_lib.score_combinations(params, ads, w, batch, cfg=CFG, method=method,
+  got = score_lib.score_combinations(params, ads, w, batch, cfg=CFG, method=method,
                                     metric=METRICS, chunk_size=chunk, **opts)
   ref_opts = dict(opts.get("options", {}))
   if "key" in opts:
@@ -91,30 +92,30 @@ def test_equals_a_loop_of_single_evaluations(setup, method, opts, chunk):
 
 def test_sum_merges_use_the_mixing_path_with_their_scale(setup):
   params, ads, batch, w = setup
-  mix = eval_lib.score_combinations(params, ads, 0.5 * w, batch, cfg=CFG, method="mix")
-  ta = eval_lib.score_combinations(params, ads, w, batch, cfg=CFG, method="task_arithmetic",
+  mix = score_lib.score_combinations(params, ads, 0.5 * w, batch, cfg=CFG, method="mix")
+  ta = score_lib.score_combinations(params, ads, w, batch, cfg=CFG, method="task_arithmetic",
                                    options={"scale": 0.5})
   np.testing.assert_allclose(np.asarray(ta), np.asarray(mix), rtol=1e-6)
-  plan = eval_lib.make_plan(params, ads, 7, (6, 6), cfg=CFG, method="cat", flavor="peft")
+  plan = score_lib.make_plan(params, ads, 7, (6, 6), cfg=CFG, method="cat", flavor="peft")
   assert plan.route == "mix"
-  assert eval_lib.make_plan(params, ads, 7, (6, 6), cfg=CFG, method="svd").route == "factors"
-  assert eval_lib.make_plan(params, ads, 7, (6, 6), cfg=CFG, method="ties").route == "dense"
+  assert score_lib.make_plan(params, ads, 7, (6, 6), cfg=CFG, method="svd").route == "factors"
+  assert score_lib.make_plan(params, ads, 7, (6, 6), cfg=CFG, method="ties").route == "dense"
 
 
 def test_compiles_once_per_shape(setup, monkeypatch):
   params, ads, batch, w = setup
-  monkeypatch.setattr(eval_lib, "_score_all", chex.assert_max_traces(eval_lib._score_all, n=1))
-  eval_lib._compiled.cache_clear()
+  monkeypatch.setattr(score_lib, "_score_all", chex.assert_max_traces(score_lib._score_all, n=1))
+  score_lib._compiled.cache_clear()
   try:
-    first = eval_lib.score_combinations(params, ads, w, batch, cfg=CFG, chunk_size=2)
-    second = eval_lib.score_combinations(params, ads, w[::-1].copy(), batch, cfg=CFG,
+    first = score_lib.score_combinations(params, ads, w, batch, cfg=CFG, chunk_size=2)
+    second = score_lib.score_combinations(params, ads, w[::-1].copy(), batch, cfg=CFG,
                                          chunk_size=2)
     np.testing.assert_allclose(np.asarray(second), np.asarray(first)[::-1], rtol=1e-6)
     with pytest.raises(AssertionError, match="traced > 1 times"):
-      eval_lib.score_combinations(params, ads, w[:5], batch, cfg=CFG, chunk_size=4)
+      score_lib.score_combinations(params, ads, w[:5], batch, cfg=CFG, chunk_size=4)
   finally:
     chex.clear_trace_counter()
-    eval_lib._compiled.cache_clear()
+    score_lib._compiled.cache_clear()
 
 
 @pytest.mark.parametrize("c,chunk,devices", [(7, 2, 4), (5, 3, 1), (3, 1, 4)])
@@ -125,9 +126,9 @@ def test_padding_for_chunks_and_devices(setup, c, chunk, devices):
   mesh = None
   if devices > 1:
     mesh = jax.make_mesh((devices,), ("c",), axis_types=(jax.sharding.AxisType.Auto,))
-  plan = eval_lib.make_plan(params, ads, c, (6, 6), cfg=CFG, chunk_size=chunk, mesh=mesh)
+  plan = score_lib.make_plan(params, ads, c, (6, 6), cfg=CFG, chunk_size=chunk, mesh=mesh)
   assert plan.padded % (devices * plan.chunk) == 0 and plan.padded >= c
-  got = eval_lib.score_combinations(params, ads, ws, batch, cfg=CFG, metric=["loss"],
+  got = score_lib.score_combinations(params, ads, ws, batch, cfg=CFG, metric=["loss"],
                                     chunk_size=chunk, mesh=mesh)["loss"]
   assert got.shape == (c,)
   np.testing.assert_allclose(np.asarray(got), loop_reference(params, ads, batch, ws, "mix")["loss"],
@@ -137,54 +138,54 @@ def test_padding_for_chunks_and_devices(setup, c, chunk, devices):
 def test_chunk_size_follows_the_memory_budget(setup):
   params, ads, batch, w = setup
   w16 = np.tile(w, (3, 1))[:16]
-  per = eval_lib.estimate_bytes(CFG, (6, 6), "dense", ads)
+  per = score_lib.estimate_bytes(CFG, (6, 6), "dense", ads)
   fixed = sum(x.nbytes for x in jax.tree.leaves((params, ads)))
   budget = fixed + 3 * per + 10
-  stats, plan = eval_lib.memory_analysis(params, ads, w16, batch, cfg=CFG, method="ties",
+  stats, plan = score_lib.memory_analysis(params, ads, w16, batch, cfg=CFG, method="ties",
                                          memory_budget_bytes=budget)
   assert plan.chunk == 3 and plan.padded == 18
   assert stats.temp_size_in_bytes <= budget
-  big = eval_lib.make_plan(params, ads, 16, (6, 6), cfg=CFG, method="ties")
+  big = score_lib.make_plan(params, ads, 16, (6, 6), cfg=CFG, method="ties")
   assert big.chunk == 16  # the default 4 GiB holds every combination at once
   with pytest.raises(ValueError, match=r"memory_budget_bytes=1 .* cannot hold one combination"):
-    eval_lib.make_plan(params, ads, 16, (6, 6), cfg=CFG, memory_budget_bytes=1)
-  tiny = eval_lib.make_plan(params, ads, 16, (6, 6), cfg=CFG, memory_budget_bytes=budget,
+    score_lib.make_plan(params, ads, 16, (6, 6), cfg=CFG, memory_budget_bytes=1)
+  tiny = score_lib.make_plan(params, ads, 16, (6, 6), cfg=CFG, memory_budget_bytes=budget,
                             chunk_target_bytes=1)
   assert tiny.chunk == 1
   # The working-set target caps the chunk too (wide vmaps are slower on a CPU).
-  capped = eval_lib.make_plan(params, ads, 16, (6, 6), cfg=CFG, method="ties",
+  capped = score_lib.make_plan(params, ads, 16, (6, 6), cfg=CFG, method="ties",
                               chunk_target_bytes=5 * per + 1)
   assert capped.chunk == 5 and capped.padded == 20
 
 
-def test_sequence_metrics_by_hand():
+def test_batch_metrics_by_hand():
   logits = jnp.log(jnp.asarray([[[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]],
                                 [[0.1, 0.1, 0.8], [0.6, 0.2, 0.2], [0.2, 0.5, 0.3]]]))
   targets = jnp.asarray([[0, 1, 0], [2, 1, 1]])
   weights = jnp.asarray([[0.0, 1.0, 1.0], [0.0, 1.0, 1.0]])
-  m = eval_lib.sequence_metrics(logits, targets, weights)
+  m = metrics_lib.batch_metrics(logits, targets, weights)
   np.testing.assert_allclose(float(m["loss"]), -np.log([0.8, 0.3, 0.2, 0.5]).mean(), rtol=1e-6)
   np.testing.assert_allclose(float(m["token_accuracy"]), 0.5)
   np.testing.assert_allclose(float(m["exact_match"]), 0.0)  # each row misses one position
-  m = eval_lib.sequence_metrics(logits, targets, jnp.asarray([[0.0, 1.0, 0.0], [0, 0, 0]]))
+  m = metrics_lib.batch_metrics(logits, targets, jnp.asarray([[0.0, 1.0, 0.0], [0, 0, 0]]))
   np.testing.assert_allclose(float(m["exact_match"]), 1.0)  # the empty row is left out
 
 
 def test_bad_input(setup):
   params, ads, batch, w = setup
   with pytest.raises(ValueError, match=r"weights_CxK has shape \(7, 2\); expected \[C, K\]"):
-    eval_lib.score_combinations(params, ads, w[:, :2], batch, cfg=CFG)
+    score_lib.score_combinations(params, ads, w[:, :2], batch, cfg=CFG)
   with pytest.raises(ValueError, match=r"is not one of \['loss', 'exact_match'"):
-    eval_lib.score_combinations(params, ads, w, batch, cfg=CFG, metric="bleu")
+    score_lib.score_combinations(params, ads, w, batch, cfg=CFG, metric="bleu")
   with pytest.raises(ValueError, match=r"valid methods: "):
-    eval_lib.score_combinations(params, ads, w, batch, cfg=CFG, method="average")
+    score_lib.score_combinations(params, ads, w, batch, cfg=CFG, method="average")
   with pytest.raises(ValueError, match=r"chunk_size=0 must be a positive int"):
-    eval_lib.score_combinations(params, ads, w, batch, cfg=CFG, chunk_size=0)
+    score_lib.score_combinations(params, ads, w, batch, cfg=CFG, chunk_size=0)
   with pytest.raises(ValueError, match=r"pass key=jax.random.key"):
-    eval_lib.score_combinations(params, ads, w, batch, cfg=CFG, method="dare_linear",
+    score_lib.score_combinations(params, ads, w, batch, cfg=CFG, method="dare_linear",
                                 options={"density": 0.5})
   with pytest.raises(ValueError, match=r"batch lacks \['weights'\]"):
-    eval_lib.score_combinations(params, ads, w, {"inputs": 1, "targets": 1}, cfg=CFG)
+    score_lib.score_combinations(params, ads, w, {"inputs": 1, "targets": 1}, cfg=CFG)
   with pytest.raises(ValueError, match=r"is not a parameter of the model"):
-    eval_lib.score_combinations(params, [{"nope/kernel": ads[0][sorted(ads[0])[0]]}],
+    score_lib.score_combinations(params, [{"nope/kernel": ads[0][sorted(ads[0])[0]]}],
                                 w[:, :1], batch, cfg=CFG)

@@ -88,14 +88,14 @@ def test_principal_angles(params):
     fm.subspace_angles(path, ad1[path], ad2[path], dim=5)
 
 
-def test_probe_records_inputs_and_changes_nothing(params):
+def test_capture_records_inputs_and_changes_nothing(params):
   tokens = jax.random.randint(jax.random.key(6), (3, 5), 0, CFG.vocab_size)
   paths = ["layers/0/attn/q_proj/kernel", "layers/0/attn/v_proj/kernel",
            "layers/1/mlp/down_proj/kernel", "layers/1/mlp/up_proj/kernel",
            "layers/1/mlp/gate_proj/kernel"]
-  mix = fm.probe_mix(params, paths)
-  np.testing.assert_array_equal(transformer.apply(params, tokens, CFG, lora=mix),
-                                transformer.apply(params, tokens, CFG))
+  logits, aux = transformer.apply(params, tokens, CFG, capture=paths)
+  np.testing.assert_array_equal(logits, transformer.apply(params, tokens, CFG))
+  assert set(aux["captured"]) == set(paths)
   x = fm.layer_inputs(params, CFG, tokens, paths)
   # Layer 0's attention reads RMSNorm(embedding) · scale.
   emb = np.asarray(params["embed"]["embedding"], np.float64)[np.asarray(tokens)]
@@ -112,7 +112,7 @@ def test_probe_records_inputs_and_changes_nothing(params):
   up = hid @ np.asarray(flat_mlp["up_proj"]["kernel"], np.float64)
   np.testing.assert_allclose(x[paths[2]], gate / (1 + np.exp(-gate)) * up, rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError, match="no kernel"):
-    fm.probe_mix(params, ["layers/0/attn/nope/kernel"])
+    fm.layer_inputs(params, CFG, tokens, ["layers/0/attn/nope/kernel"])
 
 
 def test_overlaps_are_one_on_identical_prompts(params, chains):

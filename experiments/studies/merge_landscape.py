@@ -28,7 +28,7 @@ from lora_limits import data as data_lib
 from lora_limits import lora as lora_lib
 from lora_limits import train as train_lib
 from lora_limits.models import transformer
-from lora_limits.recycle import evaluate as eval_lib
+from lora_limits.recycle import score as score_lib
 from lora_limits.recycle import merge as merge_lib
 
 PAD, EOS = 0, 1
@@ -39,7 +39,7 @@ _GRIDS = ("square", "simplex")
 class WorldSettings:
   """n_entities entity tokens; each relation maps every entity to a random entity."""
 
-  n_entities: int = 32
+  n_entities: int
 
   def __post_init__(self):
     if isinstance(self.n_entities, bool) or not isinstance(self.n_entities, int) or (
@@ -49,10 +49,10 @@ class WorldSettings:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
-  d_model: int = 64
-  n_layers: int = 2
-  n_heads: int = 4
-  d_ff: int = 128
+  d_model: int
+  n_layers: int
+  n_heads: int
+  d_ff: int
 
   def __post_init__(self):
     for name in ("d_model", "n_layers", "n_heads", "d_ff"):
@@ -66,13 +66,13 @@ class ModelSettings:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-  pretrain_steps: int = 300
-  lora_steps: int = 400
-  batch_size: int = 32
-  learning_rate: float = 3e-3
-  lora_learning_rate: float = 3e-3
-  rank: int = 8
-  alpha: float = 16.0
+  pretrain_steps: int
+  lora_steps: int
+  batch_size: int
+  learning_rate: float
+  lora_learning_rate: float
+  rank: int
+  alpha: float
 
   def __post_init__(self):
     for name in ("lora_steps", "batch_size", "rank"):
@@ -90,10 +90,10 @@ class TrainSettings:
 class GridSettings:
   """square: steps × steps points over [low, high]² (K = 2); simplex: coordinates i/steps."""
 
-  kind: str = "square"
-  steps: int = 13
-  low: float = -1.0
-  high: float = 2.0
+  kind: str
+  steps: int
+  low: float
+  high: float
 
   def __post_init__(self):
     if self.kind not in _GRIDS:
@@ -106,18 +106,18 @@ class GridSettings:
 
 @dataclasses.dataclass(frozen=True)
 class LandscapeStudy:
-  study: str = "merge_landscape"
-  seed: int = 0
-  num_adapters: int = 2
-  methods: tuple[str, ...] = ("mix", "uniform_factors", "ties")
-  ties_density: float = 0.5
-  metrics: tuple[str, ...] = ("exact_match", "loss")
-  chunk_size: int = 0  # 0: the largest within memory_budget_gb
-  memory_budget_gb: float = 4.0
-  world: WorldSettings = WorldSettings()
-  model: ModelSettings = ModelSettings()
-  train: TrainSettings = TrainSettings()
-  grid: GridSettings = GridSettings()
+  study: str
+  seed: int
+  num_adapters: int
+  methods: tuple[str, ...]
+  ties_density: float
+  metrics: tuple[str, ...]
+  chunk_size: int  # 0: the largest within memory_budget_gb
+  memory_budget_gb: float
+  world: WorldSettings
+  model: ModelSettings
+  train: TrainSettings
+  grid: GridSettings
 
   def __post_init__(self):
     if self.study != "merge_landscape":
@@ -133,14 +133,14 @@ class LandscapeStudy:
     if not self.methods:
       raise ValueError("config.methods must name at least one method")
     if not self.metrics:
-      raise ValueError(f"config.metrics must name at least one of {list(eval_lib.METRICS)}")
+      raise ValueError(f"config.metrics must name at least one of {list(score_lib.METRICS)}")
     if self.train.rank > min(self.model.d_model, self.model.d_ff):
       raise ValueError(f"train.rank={self.train.rank} exceeds the smallest adapted kernel "
                        f"dimension min(model.d_model, model.d_ff)="
                        f"{min(self.model.d_model, self.model.d_ff)}")
     for m in self.metrics:
-      if m not in eval_lib.METRICS:
-        raise ValueError(f"config.metrics has {m!r}; allowed: {list(eval_lib.METRICS)}")
+      if m not in score_lib.METRICS:
+        raise ValueError(f"config.metrics has {m!r}; allowed: {list(score_lib.METRICS)}")
     if not 0.0 < self.ties_density <= 1.0:
       raise ValueError(f"config.ties_density must be in (0, 1], got {self.ties_density!r}")
     if self.chunk_size < 0 or not self.memory_budget_gb > 0:
@@ -206,7 +206,7 @@ def weight_grid(study: LandscapeStudy) -> np.ndarray:
     axis = np.linspace(g.low, g.high, g.steps, dtype=np.float32)
     w1, w2 = np.meshgrid(axis, axis, indexing="ij")
     return np.stack([w1.ravel(), w2.ravel()], axis=1)
-  return eval_lib.simplex_grid(study.num_adapters, g.steps - 1)
+  return score_lib.simplex_grid(study.num_adapters, g.steps - 1)
 
 
 def score_landscape(study: LandscapeStudy, params, adapters, world, cfg, grid_CxK) -> dict:
@@ -217,7 +217,7 @@ def score_landscape(study: LandscapeStudy, params, adapters, world, cfg, grid_Cx
     out[method] = {}
     for k in range(1, study.num_adapters + 1):
       batch = data_lib.lm_batch(world[f"task_{k}"], loss_on="answer")
-      scores = eval_lib.score_combinations(
+      scores = score_lib.score_combinations(
           params, adapters, grid_CxK, batch, cfg=cfg, method=method, metric=study.metrics,
           options=options, chunk_size=study.chunk_size or None,
           memory_budget_bytes=int(study.memory_budget_gb * 2**30))

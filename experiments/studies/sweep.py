@@ -2,7 +2,7 @@
 
 `config.sweep.field` is a dotted path into the study config (`adapters.rank`,
 `recycle.distractors`, `world.fact_exposure`, ...), `config.sweep.values` its values;
-`config.base` is a whole 'recycling' config. Every value runs the full pipeline into
+`config.base` is a whole 'recycling' config. Every value runs the whole recycling study into
 `<workdir>/runs/<field>=<value>/`, sharing one cache, so values that leave the world and base
 model unchanged (rank, library size) pretrain once per seed. Outputs: `sweep_results.jsonl`
 (every record plus `sweep_field` and `sweep_value`), `sweep.md` and `sweep.png` (accuracy vs
@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from experiments import common, pipeline, report, schema
+from experiments import common, schema
+from experiments.studies import recycling
+from experiments.studies.recycling import report
 
 _SPLITS = ("test_two_hop_direct", "test_two_hop_cot", "test_hop1", "test_hop2")
 
@@ -59,13 +61,13 @@ def with_value(base: Mapping[str, Any], field: str, value: Any) -> dict[str, Any
   return out
 
 
-def parse(config: Any) -> tuple[SweepConfig, list[pipeline.StudyConfig]]:
+def parse(config: Any) -> tuple[SweepConfig, list[recycling.StudyConfig]]:
   cfg = schema.build(SweepConfig, config, "config")
   base = schema.convert(cfg.base, dict, "config.base")
   studies = []
   for value in cfg.sweep.values:
     d = with_value(base, cfg.sweep.field, value)
-    studies.append(schema.build(pipeline.StudyConfig, d,
+    studies.append(schema.build(recycling.StudyConfig, d,
                                 f"config.base (with {cfg.sweep.field}={value!r})"))
   return cfg, studies
 
@@ -80,7 +82,7 @@ def main(config, workdir: pathlib.Path) -> None:
     run_dir = workdir / "runs" / f"{cfg.sweep.field}={value}"
     run_dir.mkdir(parents=True, exist_ok=True)
     with common.stage(f"sweep {cfg.sweep.field}={value}"):
-      results = pipeline.run(study, run_dir)
+      results = recycling.run(study, run_dir)
     for r in common.read_jsonl(results):
       records.append(dict(r, sweep_field=cfg.sweep.field, sweep_value=value))
   common.write_jsonl(workdir / "sweep_results.jsonl", records)

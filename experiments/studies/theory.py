@@ -38,11 +38,11 @@ def _positive(owner: str, name: str, value, allow_zero: bool = False):
 class Prop1Settings:
   """The fact edited (entity, relation), to answer + 1; GD tolerances of Proposition 1."""
 
-  entity: int = 0
-  relation: int = 0
-  cosine_min: float = 0.99
-  relative_error_max: float = 0.05
-  gd: kv.GDConfig = kv.GDConfig(steps=300, learning_rate=0.2, init_scale=1e-3, record_every=2)
+  entity: int
+  relation: int
+  cosine_min: float
+  relative_error_max: float
+  gd: kv.GDConfig
 
   def __post_init__(self):
     _positive("prop1", "entity", self.entity, allow_zero=True)
@@ -57,10 +57,10 @@ class Prop1Settings:
 class MultiFactSettings:
   """m facts edited at once; ranks () means 1..m."""
 
-  n_facts: int = 16
-  ranks: tuple[int, ...] = ()
-  fit_tolerance: float = 1e-3
-  gd: kv.GDConfig = kv.GDConfig(steps=3000, learning_rate=0.1, init_scale=1e-3)
+  n_facts: int
+  ranks: tuple[int, ...]
+  fit_tolerance: float
+  gd: kv.GDConfig
 
   def __post_init__(self):
     _positive("multi_fact", "n_facts", self.n_facts)
@@ -74,13 +74,13 @@ class MultiFactSettings:
 class TwoHopSettings:
   """m chains A→B→C; experts of rank `rank` (0: m), trained by GD or in closed form."""
 
-  n_chains: int = 32
-  expert_source: str = "trained"
-  rank: int = 0
-  one_hop_min: float = 0.95
-  target_min: float = 0.95
-  bridge_min: float = 0.95
-  gd: kv.GDConfig = kv.GDConfig(steps=3000, learning_rate=0.1, init_scale=1e-3)
+  n_chains: int
+  expert_source: str
+  rank: int
+  one_hop_min: float
+  target_min: float
+  bridge_min: float
+  gd: kv.GDConfig
 
   def __post_init__(self):
     _positive("two_hop", "n_chains", self.n_chains)
@@ -96,8 +96,8 @@ class TwoHopSettings:
 
 @dataclasses.dataclass(frozen=True)
 class ArrowSettings:
-  top_k: tuple[int, ...] = (1, 2)
-  temperature: float = 1.0
+  top_k: tuple[int, ...]
+  temperature: float
 
   def __post_init__(self):
     if not self.top_k:
@@ -113,16 +113,16 @@ class ArrowSettings:
 class TheoryStudy:
   """chance_z: 'at chance' means accuracy ≤ 1/N + z·√(p(1−p)/m)."""
 
-  study: str = "theory"
-  seed: int = 0
-  toy: kv.KVConfig = kv.KVConfig(n_entities=128, d_ff=512)
-  readout: str = "lstsq"
-  readout_steps: int = 400
-  chance_z: float = 3.0
-  prop1: Prop1Settings = Prop1Settings()
-  multi_fact: MultiFactSettings = MultiFactSettings()
-  two_hop: TwoHopSettings = TwoHopSettings()
-  arrow: ArrowSettings = ArrowSettings()
+  study: str
+  seed: int
+  toy: kv.KVConfig
+  readout: str
+  readout_steps: int
+  chance_z: float
+  prop1: Prop1Settings
+  multi_fact: MultiFactSettings
+  two_hop: TwoHopSettings
+  arrow: ArrowSettings
 
   def __post_init__(self):
     _positive("config", "seed", self.seed, allow_zero=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -180,6 +181,7 @@ class Linear(nn.Module):
         "kernel", nn.initializers.normal(self.cfg.init_std), (x.shape[-1], self.features),
         _dtype(self.cfg.param_dtype))
     dtype = _dtype(self.cfg.dtype)
+    self.sow("captures", "input", x)  # kept only when `apply(..., capture=...)` asks
     y = jnp.einsum("...d,df->...f", x.astype(dtype), kernel.astype(dtype))
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,),
@@ -335,7 +337,8 @@ def apply(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig, *,
           positions_BxT: jax.Array | None = None,
           segment_ids_BxT: jax.Array | None = None,
           dropout_key: jax.Array | None = None,
-          return_aux: bool = False):
+          return_aux: bool = False,
+          capture: Sequence[str] = ()):
   """Logits `[B, T, vocab]` (float32) for `tokens_BxT`.
 
   lora: adapters to run unmerged (one adapter for training, a stack of K with mixing
@@ -345,6 +348,8 @@ def apply(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig, *,
     same segment id, so each packed sequence gets exactly the logits it has alone.
   dropout_key: enables LoRA dropout (training); None means deterministic.
   return_aux: also return {'hidden': final normed states [B,T,D], 'routing': {path: w}}.
+  capture: kernel paths whose inputs to return: with it, aux (returned as with return_aux)
+    also holds 'captured': {path: the kernel's input x [B, T, d_in]}; the logits are the same.
   """
   if tokens_BxT.ndim != 2:
     raise ValueError(f"tokens must be [batch, time], got shape {tokens_BxT.shape}")
@@ -357,19 +362,28 @@ def apply(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig, *,
   rngs = {"dropout": dropout_key} if dropout_key is not None else {}
   deterministic = dropout_key is None
   model = Transformer(cfg)
-  if not return_aux:
+  capture = tuple(capture)
+  if capture:
+    kernels = _flatten(params)
+    for path in capture:
+      if getattr(kernels.get(path), "ndim", 0) != 2:
+        raise ValueError(f"capture: no kernel at path {path!r} (capture names 2-D kernels)")
+  if not return_aux and not capture:
     logits, _ = model.apply({"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT,
                             lora, deterministic, rngs=rngs)
     return logits
   (logits, hidden), state = model.apply(
       {"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT, lora, deterministic,
-      rngs=rngs,
-      mutable=["intermediates"])
+      rngs=rngs, mutable=["intermediates"] + (["captures"] if capture else []))
   routing = {}
   for path, value in _flatten(state.get("intermediates", {})).items():
     # sow stores a tuple under '<module path>/routing'; report it by the kernel's path.
     routing[path.removesuffix("/routing") + "/kernel"] = value[0]
-  return logits, {"hidden": hidden, "routing": routing}
+  aux = {"hidden": hidden, "routing": routing}
+  if capture:
+    inputs = _flatten(state.get("captures", {}))
+    aux["captured"] = {p: inputs[p.removesuffix("/kernel") + "/input"][0] for p in capture}
+  return logits, aux
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

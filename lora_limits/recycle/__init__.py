@@ -2,14 +2,15 @@
 
 Modules: `merge` (merge(adapters, method, weights, flavor=..., **options) -> MergeResult and
 the method registries), `route` (Arrow, oracle, similarity routing), `lorahub` (few-shot
-weight search) and `evaluate` (score_combinations). The submodule `merge` keeps its name
+weight search), `score` (score_combinations) and `recyclers` (the registry of every
+recycling method). The submodule `merge` keeps its name
 here, so call the function as `recycle.merge.merge(...)`.
 """
 
-from lora_limits.recycle import evaluate, lorahub, merge, route
-from lora_limits.recycle.evaluate import (
+from lora_limits.recycle import lorahub, merge, recyclers, route, score
+from lora_limits.recycle.score import (
     METRICS, ScorePlan, estimate_bytes, make_plan, memory_analysis, score_combinations,
-    sequence_metrics, simplex_grid)
+    simplex_grid)
 from lora_limits.recycle.lorahub import LoraHubConfig, LoraHubResult, lorahub_search
 from lora_limits.recycle.merge import (
     METHODS, PEFT_METHODS, MergeMethod, MergeResult, available, check_adapters, method_info)

@@ -25,7 +25,7 @@ from evosax.algorithms import CMA_ES
 
 from lora_limits import lora as lora_lib
 from lora_limits.models import transformer
-from lora_limits.recycle import evaluate as eval_lib
+from lora_limits.recycle import score as score_lib
 from lora_limits.recycle import merge as merge_lib
 
 
@@ -86,7 +86,7 @@ def _cma_es(population_size: int, num_adapters: int) -> CMA_ES:
 def lorahub_search(params: Mapping[str, Any], adapters: Sequence[Mapping[str, lora_lib.LoraFactors]],
                    batch: Mapping[str, Any], key: jax.Array, *, cfg: transformer.ModelConfig,
                    config: LoraHubConfig = LoraHubConfig(), chunk_size: int | None = None,
-                   memory_budget_bytes: int = eval_lib.DEFAULT_MEMORY_BUDGET,
+                   memory_budget_bytes: int = score_lib.DEFAULT_MEMORY_BUDGET,
                    mesh=None) -> LoraHubResult:
   """Search LoraHub weights on the few-shot `batch` (lm_batch format), starting from w = 0."""
   merge_lib.check_adapters(adapters, same_rank=True)
@@ -101,7 +101,7 @@ def lorahub_search(params: Mapping[str, Any], adapters: Sequence[Mapping[str, lo
     gen_key = jax.random.fold_in(key, g + 1)
     population, state = es.ask(jax.random.fold_in(gen_key, 0), state, es_params)
     clipped = jnp.clip(population, -config.bound, config.bound)
-    loss = eval_lib.score_combinations(
+    loss = score_lib.score_combinations(
         params, adapters, clipped, batch, cfg=cfg, method="uniform_factors", metric="loss",
         chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes, mesh=mesh)
     outside = jnp.sum(jnp.square(population - clipped), axis=-1)

@@ -11,7 +11,7 @@ For adapters `dict[path, LoraFactors]` of `lora_limits.models.transformer`:
     the answer is produced), plus the trigger ratio ‖x_2hop,i ΔW_k‖/‖x_k,i ΔW_k‖: how strongly
     expert k's update fires on the two-hop prompt compared with its own prompt.
 
-Layer inputs come from the model's own forward with a probing router (see `layer_inputs`),
+Layer inputs come from the model's own forward (`transformer.apply(..., capture=paths)`),
 so nothing here re-implements the model. Results are NumPy float64 in typed records.
 """
 
@@ -164,59 +164,14 @@ def subspace_angles(path: str, f_i: lora_lib.LoraFactors, f_j: lora_lib.LoraFact
 # Layer inputs through the model's own forward.
 
 
-@dataclasses.dataclass(frozen=True)
-class _InputProbe:
-  """A router that returns its layer's input (zero-padded to `width`) as the 'weights'.
-
-  Paired with all-zero factors it changes nothing (Σ_k w_k s (x·0)·0 = 0) while the model
-  reports the returned array in aux['routing'][path]: the input x of every probed kernel."""
-
-  width: int
-
-  def __call__(self, path, x_BxTxD, factors, state):
-    pad = self.width - x_BxTxD.shape[-1]
-    return jnp.pad(x_BxTxD, [(0, 0)] * (x_BxTxD.ndim - 1) + [(0, pad)])
-
-
-def probe_mix(params: Mapping[str, Any], paths: Sequence[str]) -> lora_lib.LoraMix:
-  """A no-op `LoraMix` whose router records the inputs of the kernels at `paths`."""
-  if not paths:
-    raise ValueError("probe_mix needs at least one kernel path")
-  flat = {}
-  for p in paths:
-    try:
-      kernel = _get(params, p)
-    except KeyError as e:
-      raise ValueError(f"no kernel at path {p!r} to probe") from e
-    if getattr(kernel, "ndim", 0) != 2:
-      raise ValueError(f"path {p!r} is not a 2-D kernel")
-    flat[p] = kernel.shape
-  width = max(d_in for d_in, _ in flat.values())
-  stack = {p: lora_lib.LoraFactors(jnp.zeros((width, d_in, 1), jnp.float32),
-                                   jnp.zeros((width, 1, d_out), jnp.float32), 1.0)
-           for p, (d_in, d_out) in flat.items()}
-  return lora_lib.LoraMix(stack=stack, router=_InputProbe(width))
-
-
-def _get(params, path):
-  node = params
-  for part in path.split("/"):
-    node = node[part]
-  return node
-
-
 def layer_inputs(params: Mapping[str, Any], cfg: transformer.ModelConfig, tokens_BxT,
                  paths: Sequence[str]) -> dict[str, np.ndarray]:
   """{path: the input x [B, T, d_in] of that kernel} from one forward pass of the model.
   Pass merged params (e.g. `lora.merge(params, adapter)`) for inputs under an adapter."""
-  tokens = jnp.asarray(tokens_BxT)
-  mix = probe_mix(params, paths)
-  _, aux = transformer.apply(params, tokens, cfg, lora=mix, return_aux=True)
-  out = {}
-  for p in paths:
-    d_in = mix.stack[p].a.shape[1]
-    out[p] = np.asarray(aux["routing"][p][..., :d_in], np.float64)
-  return out
+  if not paths:
+    raise ValueError("layer_inputs needs at least one kernel path")
+  _, aux = transformer.apply(params, jnp.asarray(tokens_BxT), cfg, capture=paths)
+  return {p: np.asarray(x, np.float64) for p, x in aux["captured"].items()}
 
 
 def _check_prompts(name: str, prompts: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -46,31 +46,14 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from lora_limits import lora as lora_lib
+from lora_limits import metrics as metrics_lib
 from lora_limits.models import transformer
 from lora_limits.recycle import merge as merge_lib
 
-METRICS = ("loss", "exact_match", "token_accuracy")
+METRICS = metrics_lib.BATCH_METRICS
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
 DEFAULT_CHUNK_TARGET = 64 * 2**20
 _ROUTES = ("mix", "factors", "dense")
-
-
-def sequence_metrics(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
-                     weights_BxT: jax.Array) -> dict[str, jax.Array]:
-  """Teacher-forced loss, token accuracy and row exact match over the weighted positions.
-
-  Rows without any weighted position are left out of exact match.
-  """
-  logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets_BxT[..., None], axis=-1)[..., 0]
-  w = weights_BxT.astype(jnp.float32)
-  total = jnp.maximum(w.sum(), 1.0)
-  correct = jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
-  has = w.sum(-1) > 0
-  row_ok = jnp.all(correct | (w == 0), axis=-1) & has
-  return {"loss": (nll * w).sum() / total,
-          "token_accuracy": (correct * w).sum() / total,
-          "exact_match": row_ok.sum() / jnp.maximum(has.sum(), 1)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +91,7 @@ def _score_one(params, adapters, batch, key, w_K, plan: ScorePlan):
     else:
       logits = transformer.apply(lora_lib.merge_dense(params, result.dense), batch["inputs"],
                                  cfg)
-  m = sequence_metrics(logits, batch["targets"], batch["weights"])
+  m = metrics_lib.batch_metrics(logits, batch["targets"], batch["weights"])
   return {name: m[name] for name in plan.metrics}
 
 

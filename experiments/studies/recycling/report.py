@@ -1,4 +1,4 @@
-"""`python -m experiments.report W`: report.md and figures from W/results.jsonl alone.
+"""`python -m experiments.studies.recycling.report W`: report.md and figures from W/results.jsonl alone.
 
 Aggregates the tidy records over seeds (mean and a 95% interval: the wider of Student t over
 seeds and Wilson over the pooled examples), draws
@@ -362,7 +362,7 @@ def write_report(workdir: pathlib.Path, results: pathlib.Path | None = None) -> 
            "Wilson interval over the pooled examples (Wilson alone for one seed). "
            "`*` marks methods that are not data-free (they use data beyond the adapters: "
            "LoraHub few-shot examples, similarity centroids, or the oracle's gold labels). "
-           "Regenerate with `python -m experiments.report <workdir>`.", ""]
+           "Regenerate with `python -m experiments.studies.recycling.report <workdir>`.", ""]
   for task in sorted({r["task"] for r in records}):
     tiers = _tiers(agg, task)
     splits = _test_splits(agg, task)
@@ -415,7 +415,7 @@ def write_report(workdir: pathlib.Path, results: pathlib.Path | None = None) -> 
 
 def main(argv: Sequence[str]) -> int:
   if len(argv) != 2:
-    print("usage: python -m experiments.report <workdir>", file=sys.stderr)
+    print("usage: python -m experiments.studies.recycling.report <workdir>", file=sys.stderr)
     return 2
   path = write_report(pathlib.Path(argv[1]))
   print(f"wrote {path}")

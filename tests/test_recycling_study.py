@@ -1,4 +1,4 @@
-"""The paper pipeline in miniature: records' schema, report, resume, config errors, HF base."""
+"""The recycling study in miniature: records' schema, report, resume, config errors, HF base."""
 
 import json
 import pathlib
@@ -7,9 +7,14 @@ import jax
 import pytest
 
 from configs import smoke
-from experiments import common, pipeline, report, schema
+from experiments import common, schema
+from experiments.studies import recycling
+from experiments.studies.recycling import report
 from lora_limits import tokenizer as tok_lib
 from lora_limits.models import transformer
+from lora_limits.recycle import merge as merge_lib
+from lora_limits.recycle import recyclers
+from lora_limits.tasks import common as task_common
 
 
 def _smoke(**overrides):
@@ -23,13 +28,36 @@ def _smoke(**overrides):
   return c
 
 
+def _scaled_sum(resources, options):
+  """A recycler registered by this test only: the sum of the library's updates, scaled."""
+  merged = merge_lib.merge(list(resources.adapters), "sum", scale=options["scale"])
+  return recyclers.Recycled(merged.apply(resources.params), extra={"scale": options["scale"]})
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+  """The smoke study, with one more method registered here (and nowhere else)."""
   workdir = tmp_path_factory.mktemp("smoke")
-  cfg = pipeline.parse(_smoke())
-  results = pipeline.run(cfg, workdir)
-  report.write_report(workdir, results)
-  return workdir, cfg
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(recyclers, "_REGISTERED", dict(recyclers._REGISTERED))
+    recyclers.register(recyclers.Recycler("scaled_sum", _scaled_sum, options={"scale": 1.0}))
+    c = _smoke()
+    c.recycle.methods = tuple(c.recycle.methods) + ("scaled_sum",)
+    c.recycle.options.scaled_sum = {"scale": 0.5}
+    cfg = recycling.parse(c)
+    results = recycling.run(cfg, workdir)
+    report.write_report(workdir, results)
+    yield workdir, cfg
+
+
+def test_a_registered_method_reaches_the_results(smoke_run):
+  workdir, cfg = smoke_run
+  records = common.read_jsonl(workdir / "results.jsonl")
+  mine = [r for r in records if r["method"] == "scaled_sum"]
+  assert {r["library"] for r in mine} == set(cfg.recycle.libraries)
+  assert len(mine) == len(cfg.recycle.libraries) * 3 * 5
+  assert all(r["data_free"] and r["extra"] == {"scale": 0.5} for r in mine)
+  assert "scaled_sum" not in recyclers.registry()  # the registration ended with the fixture
 
 
 def test_records_cover_every_model_tier_and_split(smoke_run):
@@ -40,7 +68,7 @@ def test_records_cover_every_model_tier_and_split(smoke_run):
     assert set(report.REQUIRED) <= set(r)
     assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] > 0 and 0.0 < r["chance"] < 1.0
   models = {(r["library"], r["method"]) for r in evals}
-  expected = {("none", "base")} | {("single", n) for n in pipeline.CONTROLS[1:]}
+  expected = {("none", "base")} | {("single", n) for n in recycling.config.CONTROLS[1:]}
   expected |= {(lib, m) for lib in cfg.recycle.libraries for m in cfg.recycle.methods}
   assert models == expected
   assert {r["tier"] for r in evals} == {"F", "H", "R"}
@@ -72,29 +100,30 @@ def test_report_regenerates_from_results_alone(smoke_run, tmp_path):
 def test_rerun_reuses_completed_seeds(smoke_run, monkeypatch):
   workdir, cfg = smoke_run
   before = (workdir / "results.jsonl").read_bytes()
-  monkeypatch.setattr(pipeline, "run_seed", lambda *a, **k: pytest.fail("recomputed a seed"))
-  pipeline.run(cfg, workdir)
+  monkeypatch.setattr(recycling, "run_seed", lambda *a, **k: pytest.fail("recomputed a seed"))
+  recycling.run(cfg, workdir)
   assert (workdir / "results.jsonl").read_bytes() == before
 
 
 @pytest.mark.parametrize("overrides,match", [
     ({"task": "poetry"}, r"task='poetry' is not one of"),
     ({"recycle.methods": ("sum", "magic")}, r"recycle.methods has 'magic'"),
-    ({"recycle.ties_density": 0.0}, r"recycle.ties_density must be in \(0, 1\]"),
+    ({"recycle.options.ties.density": 0.0},
+     r"recycle.options.ties: density=0.0 must be a number in \(0, 1\]"),
     ({"adapters.rank": 0}, r"LoraSpec.rank must be a positive int|adapters.rank must be > 0"),
     ({"seeds": (-1,)}, r"seeds must be >= 0"),
     ({"world.test_chains": 0}, r"test_chains"),
 ])
 def test_bad_config_is_refused_before_compute(overrides, match):
   with pytest.raises(schema.ConfigError, match=match):
-    pipeline.parse(_smoke(**overrides))
+    recycling.parse(_smoke(**overrides))
 
 
 def test_wrong_type_is_refused():
   d = _smoke().to_dict()
   d["pretrain"]["steps"] = "many"
   with pytest.raises(schema.ConfigError, match=r"config.pretrain.steps must be an int, got str"):
-    pipeline.parse(d)
+    recycling.parse(d)
 
 
 def test_unknown_config_key_is_refused():
@@ -102,23 +131,23 @@ def test_unknown_config_key_is_refused():
   c.unlock()
   c.model.depth = 3
   with pytest.raises(schema.ConfigError, match=r"config.model: unknown key\(s\) \['depth'\]"):
-    pipeline.parse(c)
+    recycling.parse(c)
 
 
 def test_runs_on_a_hugging_face_checkpoint(tmp_path):
   """--config.model.hf_path: a tiny random Llama checkpoint (written here) as the base."""
-  cfg = pipeline.parse(_smoke())
-  vocab = pipeline.two_hop.vocabulary(pipeline.world_settings(cfg, 0))
+  cfg = recycling.parse(_smoke())
+  vocab = recycling.config.vocabulary(cfg)
   tok = tok_lib.build([" ".join(vocab)])
   mcfg = transformer.ModelConfig(vocab_size=len(tok), d_model=32, n_layers=1, n_heads=2,
                                  d_ff=64, tie_embeddings=False)
   params = transformer.init(jax.random.key(0), mcfg)
   from lora_limits.interop import hf
   hf.export_checkpoint(tmp_path / "ckpt", mcfg, params, arch="llama", tokenizer=tok)
-  run_cfg = pipeline.parse(_smoke(**{"model.hf_path": str(tmp_path / "ckpt"),
+  run_cfg = recycling.parse(_smoke(**{"model.hf_path": str(tmp_path / "ckpt"),
                                      "recycle.methods": ("sum",),
                                      "recycle.libraries": ("two",)}))
-  results = pipeline.run(run_cfg, tmp_path / "work")
+  results = recycling.run(run_cfg, tmp_path / "work")
   records = common.read_jsonl(results)
   assert {(r["library"], r["method"]) for r in records} >= {("none", "base"), ("two", "sum")}
   assert not (tmp_path / "work" / "cache" / "base").exists()  # no pretraining happened
@@ -131,5 +160,5 @@ def test_prompts_go_through_a_chat_template_when_the_tokenizer_has_one():
   tok.chat_template = "{% for m in messages %}<s> {{ m['content'] }} ?{% endfor %}"
   templated = tok_lib.prompt_ids(tok, "who is the spouse of ka ro")
   assert templated == plain
-  rows = tok_lib.encode_examples(tok, [pipeline.task_common.Example("who is the spouse of ka ro", "mi")])
+  rows = tok_lib.encode_examples(tok, [task_common.Example("who is the spouse of ka ro", "mi")])
   assert list(rows["tokens"][0][:9]) == plain

@@ -7,7 +7,7 @@ recomputes the full (short) sequence inside a `lax.while_loop` that stops once e
 has emitted EOS, so a whole batch decodes in one compiled call. Rows are chunked into
 fixed-size batches (the last one padded) and lengths rounded up to buckets, so splits of
 any size reuse one compilation. `lora=` takes any `LoraMix` (one adapter, fixed mixing
-weights, or a router): its arrays are jit arguments, its router and mode static.
+weights, or a router), passed to the jitted functions as the pytree it is.
 
 Scoring (`score`): a direct answer is right iff the normalised generation equals the
 answer. A chain-of-thought answer is right iff the generation ends with the final answer
@@ -16,7 +16,7 @@ right iff the step (sentence) that states each bridge ends, as in the reference,
 anchor and the bridge ("A 's spouse is B ."), so a mis-copied subject does not count
 against the bridge. A generation without EOS within the budget is wrong.
 
-Teacher forcing (`answer_accuracy`, `teacher_forced`): one forward pass; a row is exact
+Teacher forcing (`teacher_forced`, with `metrics.row_metrics`): one forward pass; a row is exact
 iff the argmax at every answer position (answer tokens and EOS) equals the reference —
 which holds iff greedy decoding reproduces the reference answer exactly. For direct
 answers that is the greedy exact match; for CoT answers it is the stricter full-chain match.
@@ -35,6 +35,7 @@ import numpy as np
 
 from lora_limits import data as data_lib
 from lora_limits import lora as lora_lib
+from lora_limits import metrics as metrics_lib
 from lora_limits import tokenizer as tokenizer_lib
 from lora_limits.models import transformer
 from lora_limits.tasks import common
@@ -118,49 +119,33 @@ def _steps(words: list[str]) -> list[list[str]]:
 # ----------------------------------------------------------------------- decoding
 
 
-def _split_mix(lora: lora_lib.LoraMix | None):
-  """(arrays passed to jit, hashable static part) of a LoraMix."""
+def _check_mix(lora: lora_lib.LoraMix | None) -> None:
   if lora is None:
-    return None, None
+    return
   if not isinstance(lora, lora_lib.LoraMix):
     raise ValueError(f"lora must be a LoraMix (or None), got {type(lora).__name__}")
   if lora.weights is not None and jnp.ndim(lora.weights) == 3:
     raise ValueError("per-token LoraMix.weights [B, T, K] cannot be used for decoding (the "
                      "sequence grows); use [K] or [B, K] weights or a router")
-  return (lora.stack, lora.weights, lora.router_state), (lora.router, lora.mode)
 
 
-def _join_mix(arrays, static) -> lora_lib.LoraMix | None:
-  if static is None:
-    return None
-  stack, weights, router_state = arrays
-  router, mode = static
-  return lora_lib.LoraMix(stack=stack, weights=weights, router_state=router_state,
-                          router=router, mode=mode)
-
-
-def _chunk_mix(arrays, lo: int, hi: int, n: int, batch_size: int):
-  """The mix arrays for rows [lo, hi): per-row weights [N, K] are sliced and padded."""
-  if arrays is None:
-    return None
-  stack, weights, router_state = arrays
-  if weights is not None and jnp.ndim(weights) == 2:
-    if weights.shape[0] != n:
-      raise ValueError(f"LoraMix.weights has {weights.shape[0]} rows, the data has {n}")
-    w = jnp.asarray(weights)[lo:hi]
-    w = jnp.concatenate([w, jnp.repeat(w[:1], batch_size - (hi - lo), axis=0)])
-    weights = w
-  return stack, weights, router_state
+def _chunk_mix(lora: lora_lib.LoraMix | None, lo: int, hi: int, n: int, batch_size: int):
+  """The mix for rows [lo, hi): per-row weights [N, K] are sliced and padded."""
+  if lora is None or lora.weights is None or jnp.ndim(lora.weights) != 2:
+    return lora
+  if lora.weights.shape[0] != n:
+    raise ValueError(f"LoraMix.weights has {lora.weights.shape[0]} rows, the data has {n}")
+  w = jnp.asarray(lora.weights)[lo:hi]
+  w = jnp.concatenate([w, jnp.repeat(w[:1], batch_size - (hi - lo), axis=0)])
+  return dataclasses.replace(lora, weights=w)
 
 
 def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mix_static", "max_new", "eos_id", "pad_id"))
-def _decode_batch(params, tokens_BxL, prompt_len_B, mix_arrays, *, cfg, mix_static, max_new,
-                  eos_id, pad_id):
-  lora = _join_mix(mix_arrays, mix_static)
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new", "eos_id", "pad_id"))
+def _decode_batch(params, tokens_BxL, prompt_len_B, lora, *, cfg, max_new, eos_id, pad_id):
   b = tokens_BxL.shape[0]
   rows = jnp.arange(b)
 
@@ -208,15 +193,14 @@ def greedy_decode(params, cfg: transformer.ModelConfig, data: data_lib.Encoded, 
   src = np.asarray(data["tokens"])[:, :max_prompt]
   keep = np.arange(max_prompt)[None, :] < prompt_len[:, None]
   tokens[:, :max_prompt] = np.where(keep, src, pad_id)
-  arrays, static = _split_mix(lora)
+  _check_mix(lora)
   outs = []
   for lo in range(0, n, batch_size):
     hi = min(lo + batch_size, n)
     idx = np.concatenate([np.arange(lo, hi), np.full(batch_size - (hi - lo), lo)])
     outs.append(_decode_batch(
         params, jnp.asarray(tokens[idx]), jnp.asarray(prompt_len[idx]),
-        _chunk_mix(arrays, lo, hi, n, batch_size), cfg=cfg, mix_static=static,
-        max_new=max_new_tokens, eos_id=int(eos_id), pad_id=int(pad_id)))
+        _chunk_mix(lora, lo, hi, n, batch_size), cfg=cfg, max_new=max_new_tokens, eos_id=int(eos_id), pad_id=int(pad_id)))
   return np.concatenate([np.asarray(o) for o in outs])[:n]
 
 
@@ -276,28 +260,10 @@ def score_split(split: str, texts: Sequence[str | None], examples: Sequence[comm
 # ----------------------------------------------------------------- teacher forcing
 
 
-def answer_accuracy(logits_BxTxV: jax.Array,
-                    batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """Per row: exact (argmax right at every weighted position), mean loss and token count.
-
-  `batch` has 'targets' and 'weights' [B, T] as made by `data.lm_batch(rows, 'answer')`;
-  jittable, and reusable wherever logits of answer rows are at hand.
-  """
-  targets, weights = batch["targets"], batch["weights"]
-  logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-  nll_BxT = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  hit = (jnp.argmax(logits_BxTxV, axis=-1) == targets) | (weights == 0)
-  count = jnp.sum(weights, axis=-1)
-  return {"exact": jnp.all(hit, axis=-1) & (count > 0),
-          "loss": jnp.sum(nll_BxT * weights, axis=-1) / jnp.maximum(count, 1.0),
-          "tokens": count}
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "mix_static"))
-def _teacher_forced_batch(params, batch, mix_arrays, *, cfg, mix_static):
-  lora = _join_mix(mix_arrays, mix_static)
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _teacher_forced_batch(params, batch, lora, *, cfg):
   logits = transformer.apply(params, batch["inputs"], cfg, lora=lora)
-  return answer_accuracy(logits, batch)
+  return metrics_lib.row_metrics(logits, batch["targets"], batch["weights"])
 
 
 def teacher_forced(params, cfg: transformer.ModelConfig, data: data_lib.Encoded, *,
@@ -314,7 +280,7 @@ def teacher_forced(params, cfg: transformer.ModelConfig, data: data_lib.Encoded,
   tokens[:, :data["tokens"].shape[1]] = data["tokens"]
   padded = {"tokens": tokens, "prompt_len": np.asarray(data["prompt_len"]),
             "answer_len": np.asarray(data["answer_len"])}
-  arrays, static = _split_mix(lora)
+  _check_mix(lora)
   outs = []
   for lo in range(0, n, batch_size):
     hi = min(lo + batch_size, n)
@@ -322,5 +288,5 @@ def teacher_forced(params, cfg: transformer.ModelConfig, data: data_lib.Encoded,
     batch = data_lib.lm_batch(data_lib.take(padded, idx), loss_on="answer")
     outs.append(_teacher_forced_batch(
         params, {k: jnp.asarray(v) for k, v in batch.items()},
-        _chunk_mix(arrays, lo, hi, n, batch_size), cfg=cfg, mix_static=static))
+        _chunk_mix(lora, lo, hi, n, batch_size), cfg=cfg))
   return {k: np.concatenate([np.asarray(o[k]) for o in outs])[:n] for k in outs[0]}

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from lora_limits import data as data_lib
-from lora_limits import evaluate as ev
+from lora_limits import exact_match as ev
 from lora_limits import lora as lora_lib
+from lora_limits import metrics as metrics_lib
 from lora_limits import tokenizer as tk
 from lora_limits import tree
 from lora_limits.models import transformer
@@ -213,10 +214,10 @@ def test_teacher_forcing_reads_the_positions_greedy_writes(random_model):
   end = (rows["prompt_len"] + rows["answer_len"] - 2)[:, None]
   batch["weights"] = batch["weights"] * (np.arange(batch["weights"].shape[1])[None] < end)
   logits = transformer.apply(params, jnp.asarray(batch["inputs"]), cfg)
-  assert np.all(ev.answer_accuracy(logits, batch)["exact"])
+  assert np.all(metrics_lib.row_metrics(logits, batch["targets"], batch["weights"])["exact"])
   wrong = dict(batch, targets=np.where(batch["weights"] > 0, (batch["targets"] + 1) % 13,
                                        batch["targets"]))
-  assert not np.any(ev.answer_accuracy(logits, wrong)["exact"])
+  assert not np.any(metrics_lib.row_metrics(logits, wrong["targets"], wrong["weights"])["exact"])
 
 
 def test_one_compilation_for_splits_of_any_size(random_model):

@@ -1,0 +1,108 @@
+"""Study 'recycling': the paper's experiment end to end (two-hop or math), then its report.
+
+world → base model → adapters → recycling → evaluation, one seed at a time. For each seed:
+build the world (every familiarity tier at once, sharing one pretraining corpus), pretrain
+the base model on it, train one adapter per training split (`hop1`, `hop2`, `target`
+(direct and chain-of-thought questions on entities disjoint from the tests), `union`), each
+stopping at `stop_accuracy` exact match on its own training data; recycle the libraries
+{hop1, hop2} and {hop1, hop2, target} with every configured method of the recycler
+registry; evaluate everything on every test split of every tier with greedy exact match and
+the chance level.
+
+Modules, one job each: `config` (the typed sections and `parse`), `stages` (the cached base
+model and adapters), `models` (controls and recycled models), `evaluation` (records per
+tier × split), `units` (per-seed files), `report` (report.md and figures from
+`results.jsonl` alone).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+from experiments import common
+from experiments import schema
+from experiments.studies.recycling import config as config_lib
+from experiments.studies.recycling import evaluation
+from experiments.studies.recycling import models as models_lib
+from experiments.studies.recycling import report
+from experiments.studies.recycling import stages
+from experiments.studies.recycling import units
+from lora_limits import tokenizer as tok_lib
+from lora_limits.tasks import corpus as corpus_lib
+
+parse = config_lib.parse
+StudyConfig = config_lib.StudyConfig
+ADAPTERS = ("hop1", "hop2", "target", "union")
+
+
+def run_seed(cfg: StudyConfig, seed: int, cache: pathlib.Path, tokenizer,
+             timings: dict[str, float] | None = None) -> list[dict]:
+  """One seed's records: every model × tier × test split, then each adapter's training
+  accuracy."""
+  with common.stage(f"seed {seed}: world", timings):
+    world = config_lib.build_world(cfg, seed)
+    corpus_lib.check_no_leak(world)
+  with common.stage(f"seed {seed}: base model", timings):
+    base = stages.pretrained_base(cfg, world, tokenizer, cache, seed)
+  adapters, infos = {}, {}
+  with common.stage(f"seed {seed}: adapters", timings):
+    names = ADAPTERS + config_lib.library_names("two", cfg.recycle.distractors)[2:]
+    for name in names:
+      adapters[name], infos[name] = stages.trained_adapter(cfg, base, world, name, cache, seed)
+  cents = models_lib.centroids(cfg, base, world, list(adapters))
+  models = models_lib.controls(base, adapters)
+  with common.stage(f"seed {seed}: recycling", timings):
+    for library in cfg.recycle.libraries:
+      models += models_lib.recycled_models(cfg, base, world, adapters, library, seed, cents)
+  records = []
+  common.log(f"seed {seed}: {len(models)} models to evaluate")
+  with common.stage(f"seed {seed}: evaluation", timings):
+    progress = common.Progress(f"evaluate seed {seed}", len(models), every=5.0)
+    for i, model in enumerate(models):
+      records += evaluation.evaluate_model(model, base, world, cfg.task, seed,
+                                           cfg.eval_batch_size)
+      progress.update(i + 1, f"{model.library}/{model.method}")
+  for rec in records:
+    rec["base_recall"] = base.info.get("recall_exact_match")
+  for name, info in infos.items():
+    records.append({"task": cfg.task, "tier": "all", "library": "single", "method": name,
+                    "answer_format": "direct", "split": f"train_{name}", "seed": seed,
+                    "accuracy": info["train_exact_match"], "n": info["n_train"],
+                    "chance": None, "data_free": True, "steps": info["steps"]})
+  return records
+
+
+def run(cfg: StudyConfig, workdir: pathlib.Path) -> pathlib.Path:
+  """The whole study; returns the path of `results.jsonl`. Finished seeds (their unit files)
+  are read back, not recomputed."""
+  start = time.time()
+  cache = pathlib.Path(cfg.cache_dir) if cfg.cache_dir else workdir / "cache"
+  common.write_json(workdir / "config.json", schema.to_dict(cfg))
+  tokenizer = tok_lib.build([" ".join(config_lib.vocabulary(cfg))])
+  tokenizer.save_pretrained(str(workdir / "tokenizer"))
+  all_records = []
+  timings: dict[str, float] = {}
+  for seed in cfg.seeds:
+    unit = workdir / "units" / f"{cfg.task}-seed{seed}.jsonl"
+    done = units.read_unit(unit)
+    if done is not None:
+      common.log(f"seed {seed}: results already in {unit}; skipping")
+      all_records += done
+      continue
+    records = run_seed(cfg, seed, cache, tokenizer, timings)
+    units.write_unit(unit, records)
+    all_records += records
+  results = workdir / "results.jsonl"
+  common.write_jsonl(results, all_records)
+  timings["total"] = round(time.time() - start, 2)
+  common.write_json(workdir / "timings.json", timings)
+  common.log(f"{len(all_records)} records in {results} "
+             f"({common.format_seconds(time.time() - start)})")
+  return results
+
+
+def main(config, workdir: pathlib.Path) -> None:
+  cfg = parse(config)
+  results = run(cfg, workdir)
+  report.write_report(workdir, results)

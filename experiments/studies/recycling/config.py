@@ -1,0 +1,252 @@
+"""The recycling study's config sections: typed, frozen, validated before any compute.
+
+The fields have no defaults here: `configs/two_hop.py` writes every value once, and the
+other configs (`smoke`, `math`, the sweeps) start from it. `parse(config)` is the only way a
+ConfigDict becomes a `StudyConfig` (a `schema.ConfigError` names the field).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from experiments import schema
+from lora_limits import lora as lora_lib
+from lora_limits import tree as tree_lib
+from lora_limits.models import transformer
+from lora_limits.recycle import recyclers
+from lora_limits.tasks import common as task_common
+from lora_limits.tasks import math_word, two_hop
+
+TASKS = ("two_hop", "math")
+LIBRARIES = {"two": ("hop1", "hop2"), "two_plus_target": ("hop1", "hop2", "target")}
+CONTROLS = ("base", "hop1", "hop2", "target", "union")
+MAX_DISTRACTORS = 6
+
+
+def _positive(section: str, obj: Any, names: Sequence[str]) -> None:
+  for name in names:
+    if getattr(obj, name) <= 0:
+      raise ValueError(f"{section}.{name} must be > 0, got {getattr(obj, name)}")
+
+
+def _non_negative(section: str, obj: Any, names: Sequence[str]) -> None:
+  for name in names:
+    if getattr(obj, name) < 0:
+      raise ValueError(f"{section}.{name} must be >= 0, got {getattr(obj, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+  """Our own base model's sizes (vocab comes from the tokenizer), or a HF checkpoint.
+
+  n_kv_heads 0: as n_heads. hf_path: a local Hugging Face checkpoint directory ('' trains
+  our own base).
+  """
+
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  d_ff: int
+  max_len: int
+  tie_embeddings: bool
+  hf_path: str
+
+  def __post_init__(self):
+    _positive("model", self, ("d_model", "n_layers", "n_heads", "d_ff", "max_len"))
+    _non_negative("model", self, ("n_kv_heads",))
+
+  def model_config(self, vocab_size: int) -> transformer.ModelConfig:
+    return transformer.ModelConfig(
+        vocab_size=vocab_size, d_model=self.d_model, n_layers=self.n_layers,
+        n_heads=self.n_heads, n_kv_heads=self.n_kv_heads or None, d_ff=self.d_ff,
+        max_len=self.max_len, tie_embeddings=self.tie_embeddings)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainSection:
+  steps: int
+  batch_size: int
+  learning_rate: float
+  warmup_steps: int
+  weight_decay: float
+  save_every: int
+
+  def __post_init__(self):
+    _positive("pretrain", self, ("steps", "batch_size"))
+    _non_negative("pretrain", self, ("warmup_steps", "save_every", "weight_decay"))
+    if not self.learning_rate > 0:
+      raise ValueError(f"pretrain.learning_rate must be > 0, got {self.learning_rate}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSection:
+  """Each adapter trains until `stop_accuracy` exact match on its own training data (checked
+  every `eval_every` steps) or `max_steps`."""
+
+  rank: int
+  alpha: float
+  targets: str
+  rslora: bool
+  dropout: float
+  max_steps: int
+  batch_size: int
+  learning_rate: float
+  warmup_steps: int
+  stop_accuracy: float
+  eval_every: int
+
+  def __post_init__(self):
+    _positive("adapters", self, ("rank", "max_steps", "batch_size", "eval_every"))
+    _non_negative("adapters", self, ("warmup_steps",))
+    if not 0.0 < self.stop_accuracy <= 1.0:
+      raise ValueError(f"adapters.stop_accuracy must be in (0, 1], got {self.stop_accuracy}")
+    if not self.learning_rate > 0 or not self.alpha > 0:
+      raise ValueError("adapters.learning_rate and adapters.alpha must be > 0")
+    _ = self.spec  # LoraSpec validates rank, alpha, targets and dropout
+
+  @property
+  def spec(self) -> lora_lib.LoraSpec:
+    return lora_lib.LoraSpec(rank=self.rank, alpha=self.alpha, targets=self.targets,
+                             rslora=self.rslora, dropout=self.dropout)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecycleSection:
+  """libraries: names of `LIBRARIES`; methods: names in the recycler registry
+  (`lora_limits.recycle.recyclers.registry()`); options: {method: {option: value}} over the
+  registry entry's defaults; distractors: irrelevant adapters added to every library."""
+
+  libraries: tuple[str, ...]
+  methods: tuple[str, ...]
+  options: dict
+  distractors: int
+
+  def __post_init__(self):
+    if not self.libraries:
+      raise ValueError("recycle.libraries must not be empty")
+    for lib in self.libraries:
+      if lib not in LIBRARIES:
+        raise ValueError(f"recycle.libraries has {lib!r}; allowed: {list(LIBRARIES)}")
+    registry = recyclers.registry()
+    for m in self.methods:
+      if m not in registry:
+        raise ValueError(f"recycle.methods has {m!r}; allowed: {sorted(registry)}")
+    smallest = min(len(LIBRARIES[lib]) for lib in LIBRARIES)
+    for m, opts in self.options.items():
+      if m not in registry:
+        raise ValueError(f"recycle.options has {m!r}; allowed: {sorted(registry)}")
+      if not isinstance(opts, dict):
+        raise ValueError(f"recycle.options.{m} must be a mapping of options, got {opts!r}")
+      for name, value in opts.items():
+        if value is None:
+          raise ValueError(f"recycle.options.{m}.{name} is None; leave it out to use the "
+                           "method's default")
+      try:
+        resolved = registry[m].resolve(opts)
+      except ValueError as e:
+        raise ValueError(f"recycle.options.{m}: {e}") from e
+      if resolved.get("top_k", 0) > smallest:
+        raise ValueError(f"recycle.options.{m}.top_k must be <= {smallest}, the size of the "
+                         f"smallest library; got {resolved['top_k']}")
+    if not 0 <= self.distractors <= MAX_DISTRACTORS:
+      raise ValueError(f"recycle.distractors must be in [0, {MAX_DISTRACTORS}], got "
+                       f"{self.distractors}")
+
+  def options_for(self, method: str) -> dict[str, Any]:
+    return dict(self.options.get(method, {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """The whole study. cache_dir '' means <workdir>/cache; world: the task's settings, minus
+  seed (set per run from `seeds`)."""
+
+  study: str
+  task: str
+  seeds: tuple[int, ...]
+  cache_dir: str
+  world: dict
+  model: ModelSection
+  pretrain: PretrainSection
+  adapters: AdapterSection
+  recycle: RecycleSection
+  eval_batch_size: int
+
+  def __post_init__(self):
+    if self.task not in TASKS:
+      raise ValueError(f"task={self.task!r} is not one of {list(TASKS)}")
+    if not self.seeds:
+      raise ValueError("seeds must list at least one seed")
+    for s in self.seeds:
+      if s < 0:
+        raise ValueError(f"seeds must be >= 0, got {s}")
+    if len(set(self.seeds)) != len(self.seeds):
+      raise ValueError(f"seeds repeat: {self.seeds}")
+    if "seed" in self.world:
+      raise ValueError("world.seed is set per run from `seeds`; remove it from world")
+    if self.eval_batch_size <= 0:
+      raise ValueError(f"eval_batch_size must be > 0, got {self.eval_batch_size}")
+    world_settings(self, 0)  # validates the world section now, before any compute
+    check_adapters_fit(self)
+
+
+def check_adapters_fit(cfg: StudyConfig) -> None:
+  """adapters.targets must match kernels of the base model and adapters.rank fit them.
+
+  Checked on the model's abstract shapes (no compute): our own base with a stand-in
+  vocabulary (targets never match the embedding), or the checkpoint's config.json.
+  """
+  if cfg.model.hf_path:
+    from lora_limits.interop import hf
+    path = pathlib.Path(cfg.model.hf_path)
+    if not (path / "config.json").is_file():
+      raise ValueError(f"model.hf_path={cfg.model.hf_path!r} is not a checkpoint directory "
+                       "with a config.json")
+    model_cfg, _ = hf.config_from_hf(hf.read_config(path)[1], "float32")
+  else:
+    model_cfg = cfg.model.model_config(vocab_size=max(cfg.model.d_model, 8))
+  shapes = jax.eval_shape(lambda: transformer.init(jax.random.key(0), model_cfg))
+  paths = lora_lib.target_paths(shapes, cfg.adapters.targets)
+  if not paths:
+    raise ValueError(f"adapters.targets={cfg.adapters.targets!r} matches no 2-D kernel of the "
+                     "base model")
+  flat = tree_lib.flatten(shapes)
+  limit = min(min(flat[p].shape) for p in paths)
+  if cfg.adapters.rank > limit:
+    raise ValueError(f"adapters.rank={cfg.adapters.rank} exceeds {limit}, the smallest "
+                     "dimension of an adapted kernel")
+
+
+def world_settings(cfg: StudyConfig, seed: int):
+  mapping = dict(cfg.world, seed=seed)
+  if cfg.task == "two_hop":
+    return task_common.settings_from_mapping(two_hop.TwoHopSettings, mapping)
+  return task_common.settings_from_mapping(math_word.MathSettings, mapping)
+
+
+def build_world(cfg: StudyConfig, seed: int) -> task_common.World:
+  settings = world_settings(cfg, seed)
+  return two_hop.build(settings) if cfg.task == "two_hop" else math_word.build(settings)
+
+
+def vocabulary(cfg: StudyConfig) -> list[str]:
+  """Every word any seed's world can use (one tokenizer serves all seeds)."""
+  settings = world_settings(cfg, 0)
+  return (two_hop.vocabulary(settings) if cfg.task == "two_hop"
+          else math_word.vocabulary(settings))
+
+
+def library_names(library: str, distractors: int) -> tuple[str, ...]:
+  """The adapters of a library: its own, then `distractors` irrelevant ones."""
+  return LIBRARIES[library] + tuple(f"distractor{i}" for i in range(1, distractors + 1))
+
+
+def parse(config: Any) -> StudyConfig:
+  """The ConfigDict → a validated StudyConfig (ConfigError names the field)."""
+  return schema.build(StudyConfig, config, "config")

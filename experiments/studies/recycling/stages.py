@@ -1,0 +1,192 @@
+"""Cached stages: the base model pretrained on a world, and one trained adapter per split.
+
+Completed stages are never recomputed: each lives in the cache under a hash of everything it
+depends on (world content, model, schedule, adapter settings, seed), resumes from its orbax
+checkpoints if it was interrupted, and writes its info JSON only once it is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from experiments import common
+from experiments import schema
+from experiments.studies.recycling import config as config_lib
+from lora_limits import exact_match
+from lora_limits import lora as lora_lib
+from lora_limits import tokenizer as tok_lib
+from lora_limits import train as train_lib
+from lora_limits.models import transformer
+from lora_limits.tasks import common as task_common
+
+StudyConfig = config_lib.StudyConfig
+
+
+# ------------------------------------------------------------------------------ caching
+
+
+def _digest(obj: Any) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class Base:
+  cfg: transformer.ModelConfig
+  params: Any
+  tokenizer: Any
+  key: str
+  info: dict
+
+
+def _progress(directory: pathlib.Path, label: str, total: int):
+  """A progress line per training run, and `metrics.live.jsonl` to watch while it trains.
+
+  The live file is appended to step by step (a resumed run appends the redone steps again);
+  `metrics.jsonl` is written whole at the end from the history, which a resumed run
+  restores from its checkpoint, and the live file is then removed.
+  """
+  progress = common.Progress(label, total, every=2.0)
+  live = directory / "metrics.live.jsonl"
+
+  def on_metrics(step: int, metrics: Mapping[str, float]) -> None:
+    with open(live, "a", encoding="utf-8") as f:
+      f.write(json.dumps(dict(metrics, step=step), sort_keys=True) + "\n")
+    progress.update(step, f"loss {metrics['loss']:.3f} exact {metrics['exact_match']:.2f}")
+
+  return on_metrics, progress
+
+
+def _write_history(directory: pathlib.Path, history) -> None:
+  common.write_jsonl(directory / "metrics.jsonl", history)
+  (directory / "metrics.live.jsonl").unlink(missing_ok=True)
+
+
+def pretrained_base(cfg: StudyConfig, world: task_common.World, tokenizer, cache: pathlib.Path,
+                    seed: int) -> Base:
+  """Our base model pretrained on the world's corpus (cached), or the HF checkpoint."""
+  if cfg.model.hf_path:
+    from lora_limits.interop import hf  # torch-free, but keep the import where it is used
+    model_cfg, params, hf_tok = hf.load_checkpoint(cfg.model.hf_path)
+    return Base(model_cfg, params, hf_tok, _digest({"hf": cfg.model.hf_path}),
+                {"hf_path": cfg.model.hf_path})
+  model_cfg = cfg.model.model_config(len(tokenizer))
+  key = _digest({"world": task_common.content_hash(world), "model": model_cfg.to_dict(),
+                 "pretrain": schema.to_dict(cfg.pretrain), "seed": seed,
+                 "vocab": tok_lib.vocab_ids(tokenizer)})
+  directory = cache / "base" / key
+  info_path = directory / "base.json"
+  corpus_data = tok_lib.encode_corpus(tokenizer, world.corpus)
+  p = cfg.pretrain
+  loop = train_lib.LoopConfig(steps=p.steps, batch_size=p.batch_size, seed=seed, loss_on="all",
+                              save_every=p.save_every)
+  optim = train_lib.OptimConfig(learning_rate=p.learning_rate, warmup_steps=p.warmup_steps,
+                                weight_decay=p.weight_decay)
+  directory.mkdir(parents=True, exist_ok=True)
+  on_metrics, progress = _progress(directory, f"pretrain seed {seed}", p.steps)
+  start = time.time()
+  params, history = train_lib.pretrain(
+      model_cfg, corpus_data, optim=optim, loop=loop, checkpoint_dir=str(directory / "ckpt"),
+      record={"model": model_cfg.to_dict()}, on_metrics=on_metrics)
+  _write_history(directory, history)
+  if info_path.exists():
+    info = json.loads(info_path.read_text())
+  else:
+    progress.close()
+    recall = _exact(params, model_cfg, tokenizer, world.recall, cfg.eval_batch_size)
+    info = {"key": key, "steps": p.steps, "final_loss": history[-1]["loss"],
+            "recall_exact_match": recall, "recall_n": len(world.recall),
+            "num_params": transformer.num_params(params),
+            "train_seconds": round(time.time() - start, 1)}
+    common.write_json(info_path, info)
+  common.log(f"base seed {seed}: {info['num_params']:,} params, recall exact match "
+             f"{info['recall_exact_match']:.3f} on {info['recall_n']} corpus facts")
+  return Base(model_cfg, params, tokenizer, key, info)
+
+
+def _exact(params, model_cfg, tokenizer, examples, batch_size, lora=None) -> float:
+  rows = tok_lib.encode_examples(tokenizer, examples)
+  out = exact_match.teacher_forced(params, model_cfg, rows, lora=lora, batch_size=batch_size,
+                                pad_id=tokenizer.pad_token_id)
+  return float(np.mean(out["exact"]))
+
+
+def adapter_examples(world: task_common.World, name: str,
+                     distractors: int = 0) -> list[task_common.Example]:
+  """Training examples of adapter `name`, pooled over every tier of the world.
+
+  distractor<i>: the i-th of `distractors` disjoint slices of facts the corpus states about
+  filler entities (two-hop) or counting (math) — knowledge no test question needs, so such an
+  adapter can only interfere.
+  """
+  if name.startswith("distractor"):
+    i = int(name.removeprefix("distractor"))
+    if not 1 <= i <= distractors:
+      raise ValueError(f"adapter {name!r} does not exist with distractors={distractors}")
+    pool = [e for e in world.recall
+            if (e.meta.get("group") == "filler" and e.meta.get("hop"))  # two-hop fillers
+            or e.meta.get("source") == "counting"]  # math: "after 3 comes 4 ."
+    if len(pool) < distractors:
+      raise ValueError(f"recycle.distractors={distractors} exceeds the {len(pool)} irrelevant "
+                       "facts the world has for them")
+    return pool[i - 1::distractors]
+  splits = {"target": ("target", "target_cot")}.get(name, (name,))
+  return [e for group in world.groups for s in splits for e in world.splits[group][s]]
+
+
+def trained_adapter(cfg: StudyConfig, base: Base, world: task_common.World, name: str,
+                    cache: pathlib.Path, seed: int) -> tuple[lora_lib.Adapter, dict]:
+  """Adapter `name` trained on its split (cached), with its own training accuracy."""
+  examples = adapter_examples(world, name, cfg.recycle.distractors)
+  a = cfg.adapters
+  key = _digest({"base": base.key, "adapter": name, "seed": seed,
+                 "examples": [e.to_dict() for e in examples], "settings": schema.to_dict(a)})
+  directory = cache / "adapters" / f"{name}-{key}"
+  info_path = directory / "adapter.json"
+  rows = tok_lib.encode_examples(base.tokenizer, examples)
+  loop = train_lib.LoopConfig(steps=a.max_steps, batch_size=a.batch_size,
+                              seed=seed * 1000 + _adapter_index(name),
+                              loss_on="answer", eval_every=a.eval_every)
+  optim = train_lib.OptimConfig(learning_rate=a.learning_rate, warmup_steps=a.warmup_steps)
+
+  def reached(step: int, adapter) -> bool:
+    out = exact_match.teacher_forced(base.params, base.cfg, rows,
+                                  lora=lora_lib.LoraMix.single(adapter),
+                                  batch_size=cfg.eval_batch_size,
+                                  pad_id=base.tokenizer.pad_token_id)
+    return float(np.mean(out["exact"])) >= a.stop_accuracy
+
+  directory.mkdir(parents=True, exist_ok=True)
+  on_metrics, progress = _progress(directory, f"adapter {name} seed {seed}", a.max_steps)
+  adapter, history, stopped = train_lib.train_lora(
+      base.params, base.cfg, a.spec, rows, optim=optim, loop=loop,
+      checkpoint_dir=str(directory / "ckpt"), record={"adapter": name}, on_metrics=on_metrics,
+      stop_fn=reached)
+  _write_history(directory, history)
+  if info_path.exists():
+    info = json.loads(info_path.read_text())
+  else:
+    progress.close(stopped or a.max_steps)
+    train_acc = _exact(base.params, base.cfg, base.tokenizer, examples, cfg.eval_batch_size,
+                       lora_lib.LoraMix.single(adapter))
+    info = {"adapter": name, "steps": stopped or a.max_steps, "stopped_early": stopped is not None,
+            "train_exact_match": train_acc, "n_train": len(examples),
+            "criterion": f"exact match >= {a.stop_accuracy} on its training data, checked "
+                         f"every {a.eval_every} steps, at most {a.max_steps} steps"}
+    common.write_json(info_path, info)
+  common.log(f"adapter {name} seed {seed}: {info['steps']} steps, train exact match "
+             f"{info['train_exact_match']:.3f} (n={info['n_train']})")
+  return adapter, info
+
+
+def _adapter_index(name: str) -> int:
+  """A stable small integer per adapter name (it keys the adapter's init and data order)."""
+  fixed = ("hop1", "hop2", "target", "union")
+  return fixed.index(name) if name in fixed else 10 + int(name.removeprefix("distractor"))

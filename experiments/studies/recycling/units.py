@@ -1,0 +1,43 @@
+"""Per-seed unit files: a finished seed's records, trusted only with their count and hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from experiments import common
+
+
+def _unit_meta(unit: pathlib.Path) -> pathlib.Path:
+  return unit.with_name(unit.name + ".meta.json")
+
+
+def write_unit(unit: pathlib.Path, records: Sequence[Mapping[str, Any]]) -> None:
+  """One seed's records, then (only once they are on disk) their count and SHA-256."""
+  common.write_jsonl(unit, records)
+  digest = hashlib.sha256(unit.read_bytes()).hexdigest()
+  common.write_json(_unit_meta(unit), {"records": len(records), "sha256": digest})
+
+
+def read_unit(unit: pathlib.Path) -> list[dict[str, Any]] | None:
+  """A finished seed's records; None if the seed never finished (no unit, or no meta yet:
+  the run died between the two writes). A unit that disagrees with its meta is refused."""
+  meta_path = _unit_meta(unit)
+  if not unit.exists() or not meta_path.exists():
+    return None
+  try:
+    meta = json.loads(meta_path.read_text())
+    expected, count = meta["sha256"], meta["records"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{meta_path} is damaged ({e}); delete it and {unit.name} to rerun "
+                     "that seed") from e
+  if hashlib.sha256(unit.read_bytes()).hexdigest() != expected:
+    raise ValueError(f"{unit} does not match its SHA-256 in {meta_path.name} (truncated or "
+                     "edited); delete both to rerun that seed")
+  records = common.read_jsonl(unit)
+  if len(records) != count:
+    raise ValueError(f"{unit} holds {len(records)} records, {meta_path.name} says {count}")
+  return records
