@@ -457,3 +457,95 @@ def _paired(by_seed, terms: Sequence[tuple[float, tuple]]) -> tuple[float, float
     return None
   return contrast_interval([(sign, [v[s][0] for s in seeds], [v[s][1] for s in seeds])
                             for (sign, _), v in zip(terms, values)])
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def gates_markdown(records: Sequence[Mapping[str, Any]], task: str) -> list[str]:
+  """The gate table (one row per gate, one column per seed) and what failing one means."""
+  by_seed = gates_by_seed(records, task)
+  if not by_seed:
+    return []
+  seeds = list(by_seed)
+  names = list(dict.fromkeys(g["split"] for gs in by_seed.values() for g in gs))
+  lines = ["| gate | evidence | threshold | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+           "|---|---|---|" + "---|" * len(seeds)]
+  for name in names:
+    row = {s: next((g for g in by_seed[s] if g["split"] == name), None) for s in seeds}
+    first = next(g for g in row.values() if g is not None)
+    op = ">=" if first["direction"] == "min" else "<="
+    goal = f" (goal {first['goal']:.2f})" if first.get("goal") is not None else ""
+    cells = []
+    for s in seeds:
+      g = row[s]
+      cells.append("–" if g is None else
+                   f"{g['accuracy']:.2f} {'pass' if g['passed'] else '**FAIL**'}"
+                   + (f" ({g['method']})" if name == "gate_union_cot" else ""))
+    lines.append(f"| {name.removeprefix('gate_')} | {'; '.join(first['evidence'])} | "
+                 f"{op} {first['threshold']:.2f}{goal} | " + " | ".join(cells) + " |")
+  failed = failed_gates(records, task)
+  lines += ["", "Every gate passed on every seed: the verdicts below rest on working controls."
+            if not failed else
+            f"**Failed gates: {', '.join(failed)}.** Every verdict resting on them is "
+            "inconclusive."]
+  return lines
+
+
+def claims_markdown(records: Sequence[Mapping[str, Any]], task: str) -> list[str]:
+  """Each claim's rule (fixed before any number), then its verdicts with the intervals."""
+  verdicts = claim_verdicts(records, task)
+  lines = ["Decision rules, fixed before the numbers (primary methods: "
+           f"{', '.join(PRIMARY_METHODS)}; the rest of the zoo is secondary):", ""]
+  for title, rule in CLAIM_RULES.values():
+    lines.append(f"- **{title}.** {rule}")
+  lines += ["", "| claim | verdict | evidence (mean [95% interval]) |", "|---|---|---|"]
+  for vd in verdicts:
+    lines.append(f"| {vd.claim} | **{vd.verdict}** | {vd.evidence} |")
+  if not verdicts:
+    lines.append("| – | – | no primary method was run |")
+  return lines
+
+
+def classes_markdown(records: Sequence[Mapping[str, Any]], task: str) -> list[str]:
+  """Each recycled model on the unfamiliar tier: retention, CoT (strict), its class."""
+  c = cells(records, task)
+  tier = UNFAMILIAR[task]
+  dup = duplicate_methods(records, task)
+  hidden = {m for same in dup.values() for m in same}
+  rows = sorted({(k[1], k[2]) for k in c if k[0] == tier and k[1] not in
+                 ("none", "single", "gate") and k[2] not in hidden})
+  if not rows:
+    return []
+  lines = ["| library | method | retention | CoT strict | direct | class |",
+           "|---|---|---|---|---|---|"]
+  for lib, m in rows:
+    cot = c.get((tier, lib, m, COT, "test_two_hop_cot"))
+    direct = c.get((tier, lib, m, "direct", "test_two_hop_direct"))
+    hop = c.get((tier, lib, m, "direct", "test_hop1"))
+    ret = hop.retention if hop is not None else None
+    label = m + (f" (= {', '.join(dup[m])})" if m in dup else "")
+    lines.append(f"| {lib} | {label} | {_r(ret)} | {cot.fmt() if cot else '–'} | "
+                 f"{direct.fmt() if direct else '–'} | {classify(cot, ret)} |")
+  return lines
+
+
+def side_effects_markdown(records: Sequence[Mapping[str, Any]], task: str, *,
+                          k: int) -> list[str]:
+  """What every adapter and recycled model does to what the base already knew: the filler
+  probes (extraction; CoT on never-composed fillers), next to the base model."""
+  c = cells(records, task)
+  models = sorted({(key[1], key[2]) for key in c if key[0] == FILLER and key[1] != "gate"},
+                  key=lambda lm: (("none", "single", "two", "two_plus_target").index(lm[0])
+                                  if lm[0] in ("none", "single", "two", "two_plus_target")
+                                  else 9, lm[1]))
+  if not models:
+    return []
+  lines = ["| library | method | filler one-hop (extraction) | filler CoT strict |",
+           "|---|---|---|---|"]
+  for lib, m in models:
+    hops = [c.get((FILLER, lib, m, "direct", f"test_hop{i}")) for i in range(1, k + 1)]
+    hop = (float(np.mean([h.mean for h in hops])) if all(hops) else None)
+    cot = c.get((FILLER, lib, m, COT, "test_two_hop_cot"))
+    lines.append(f"| {lib} | {m} | {_r(hop)} | {cot.fmt() if cot else '–'} |")
+  return lines
