@@ -18,9 +18,10 @@ def get_config(variant: str = "") -> config_dict.ConfigDict:
   c.seeds = (0,)
   c.world.update(dict(test_chains=4, target_chains=4, filler_chains=24, pool_size=4,
                       background_exposure=1, fact_exposure=1, filler_repeats=1))
-  c.model.update(dict(d_model=32, n_layers=1, n_heads=2, d_ff=64))
-  c.pretrain.update(dict(steps=40, batch_size=32, warmup_steps=5, save_every=20))
-  c.adapters.update(dict(rank=2, alpha=4.0, max_steps=20, batch_size=16, eval_every=10))
+  c.model.update(dict(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=64))
+  c.pretrain.update(dict(steps=40, batch_size=4, row_len=64, warmup_steps=5, save_every=20))
+  c.adapters.update(dict(rank=2, alpha=4.0, max_steps=20, batch_size=4, row_len=64,
+                         eval_every=10, replay=0.5))
   c.recycle.methods = ("sum", "arrow")
   c.recycle.options.svd.rank = 2
   c.recycle.options.lorahub.generations = 2

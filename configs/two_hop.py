@@ -1,11 +1,21 @@
-"""The paper's two-hop study on all three familiarity tiers (the default `make run`).
+"""The paper's two-hop study on three familiarity tiers (the default `make run`).
 
 Run:
   python -m experiments.run --config=configs/two_hop.py --workdir=runs/two_hop
-Variants: `configs/two_hop.py:quick` (one seed, three methods); `:large` (a 4x larger base
-model pretrained 4x longer; several times slower).
-Expected: each one-hop adapter >= 95% on its own facts; the 2-combination library near
-chance on two-hop questions about tier-F entities; see runs/two_hop/report.md.
+Variants: `:quick` (one seed, the primary methods and two more); `:syllables` (the ablation:
+names spelled in 2-3 syllable tokens instead of one token each); `:large` (a larger base
+model pretrained longer).
+
+The world (see `lora_limits/tasks/two_hop.py`): person →spouse→ person →lives_in→ city, one
+shared pool of 16 cities in balance (chance = majority baseline = 1/16). The tiers differ
+only in what pretraining says about their entities: F nothing (their names appear only in
+fact-free copy texts), H background sentences, R the facts themselves. Fillers carry the
+language, extraction (question-answer pairs) and the chain-of-thought procedure (composed
+questions of 40% of them); statement-only and never-composed fillers are the probes of the
+first two gates.
+Expected: the report opens with the gates per seed (base extraction and CoT on the probes,
+no tier-F knowledge before adapters, experts on held-out forms, the positive control), then
+the pre-registered claims and their verdicts.
 """
 
 from ml_collections import config_dict
@@ -20,16 +30,22 @@ def get_config(variant: str = "") -> config_dict.ConfigDict:
   c.seeds = (0, 1, 2)
   c.cache_dir = ""
   c.world = config_dict.ConfigDict(dict(
-      test_chains=24, target_chains=24, filler_chains=64, pool_size=8,
-      background_exposure=4, fact_exposure=8, hybrid="background", filler_two_hop=True))
-  c.model = config_dict.ConfigDict(dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=0,
-                                        d_ff=192, max_len=64, tie_embeddings=True, hf_path=""))
-  c.pretrain = config_dict.ConfigDict(dict(steps=2500, batch_size=64, learning_rate=3e-3,
-                                           warmup_steps=50, weight_decay=0.0, save_every=500))
+      test_chains=32, target_chains=32, filler_chains=400, composed_share=0.4,
+      statement_share=0.15, probe_chains=32, pool_size=16, name_style="token",
+      background_exposure=4, fact_exposure=8, hybrid="background", fact_free_exposure=2,
+      filler_repeats=2))
+  c.model = config_dict.ConfigDict(dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=0,
+                                        d_ff=384, max_len=128, tie_embeddings=True, hf_path=""))
+  c.pretrain = config_dict.ConfigDict(dict(steps=600, batch_size=16, row_len=128,
+                                           learning_rate=6e-3, warmup_steps=100,
+                                           weight_decay=0.0, save_every=200))
   c.adapters = config_dict.ConfigDict(dict(
       rank=8, alpha=16.0, targets=lora.DEFAULT_TARGETS, rslora=False, dropout=0.0,
-      max_steps=600, batch_size=32, learning_rate=5e-3, warmup_steps=10, stop_accuracy=0.95,
-      eval_every=25))
+      max_steps=500, batch_size=8, learning_rate=1e-2, warmup_steps=20, stop_accuracy=0.98,
+      eval_every=25, replay=1.0, row_len=128))
+  c.gates = config_dict.ConfigDict(dict(
+      base_extraction=0.95, base_cot=0.9, base_leak=0.1, expert=0.9, bridge_stated=0.9,
+      union_cot=0.6, union_cot_goal=0.8))
   c.recycle = config_dict.ConfigDict(dict(
       libraries=("two", "two_plus_target"),
       # Any name of the recycler registry (lora_limits.recycle.recyclers.registry()).
@@ -44,12 +60,13 @@ def get_config(variant: str = "") -> config_dict.ConfigDict:
   c.eval_batch_size = 64
   if variant == "quick":
     c.seeds = (0,)
-    c.recycle.methods = ("uniform_factors", "sum", "arrow")
+    c.recycle.methods = ("uniform_factors", "arrow", "sum", "ties")
+  elif variant == "syllables":
+    c.world.name_style = "syllables"
   elif variant == "large":
-    # A stronger base model for users with time: ~4x the parameters, 4x the pretraining.
-    c.world.filler_chains = 128
-    c.model.update(dict(d_model=128, d_ff=344))
-    c.pretrain.update(dict(steps=4000, batch_size=64, save_every=1000))
+    # A stronger base model for users with time: ~3x the parameters, twice the pretraining.
+    c.model.update(dict(d_model=192, d_ff=576))
+    c.pretrain.update(dict(steps=1200, save_every=400))
   elif variant:
-    raise ValueError(f"unknown variant {variant!r}; allowed: '', 'quick', 'large'")
+    raise ValueError(f"unknown variant {variant!r}; allowed: '', 'quick', 'syllables', 'large'")
   return c

@@ -226,12 +226,12 @@ class TwoHopSettings:
   seed: int = 0
   relations: tuple[Any, ...] = ("spouse", "lives_in")
   tiers: tuple[str, ...] = TIERS
-  test_chains: int = 48
-  target_chains: int = 48
-  filler_chains: int = 700
+  test_chains: int = 32
+  target_chains: int = 32
+  filler_chains: int = 400
   composed_share: float = 0.4
   statement_share: float = 0.15
-  probe_chains: int = 48
+  probe_chains: int = 32
   pool_size: int = 16
   name_style: str = "token"
   syllables: tuple[str, ...] = DEFAULT_SYLLABLES

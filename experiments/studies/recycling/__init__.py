@@ -3,11 +3,12 @@
 world → base model → adapters → recycling → evaluation, one seed at a time. For each seed:
 build the world (every familiarity tier at once, sharing one pretraining corpus), pretrain
 the base model on it, train one adapter per training split (`hop1`, `hop2`, `target`
-(direct and chain-of-thought questions on entities disjoint from the tests), `union`), each
-stopping at `stop_accuracy` exact match on its own training data; recycle the libraries
-{hop1, hop2} and {hop1, hop2, target} with every configured method of the recycler
-registry; evaluate everything on every test split of every tier with greedy exact match and
-the chance level.
+(direct and chain-of-thought questions on entities disjoint from the tests), `union`,
+`all`), each stopping at `stop_accuracy` exact match on its own training data; recycle the
+libraries {hop1, hop2} and {hop1, hop2, target} with every configured method of the
+recycler registry; evaluate everything on every test split of every group (the tiers and
+the filler probes) with greedy exact match, the chance level and the majority baseline;
+then the seed's gates and each recycled model's retention (`experiments.verdicts`).
 
 Modules, one job each: `config` (the typed sections and `parse`), `stages` (the cached base
 model and adapters), `models` (controls and recycled models), `evaluation` (records per
@@ -22,6 +23,7 @@ import time
 
 from experiments import common
 from experiments import schema
+from experiments import verdicts
 from experiments.studies.recycling import config as config_lib
 from experiments.studies.recycling import evaluation
 from experiments.studies.recycling import models as models_lib
@@ -33,7 +35,7 @@ from lora_limits.tasks import corpus as corpus_lib
 
 parse = config_lib.parse
 StudyConfig = config_lib.StudyConfig
-ADAPTERS = ("hop1", "hop2", "target", "union")
+ADAPTERS = config_lib.ADAPTERS
 
 
 def run_seed(cfg: StudyConfig, seed: int, cache: pathlib.Path, tokenizer,
@@ -65,6 +67,14 @@ def run_seed(cfg: StudyConfig, seed: int, cache: pathlib.Path, tokenizer,
       progress.update(i + 1, f"{model.library}/{model.method}")
   for rec in records:
     rec["base_recall"] = base.info.get("recall_exact_match")
+  records = verdicts.with_retention(records, k=world.k)
+  gates = verdicts.compute_gates(records, cfg.gates.thresholds, task=cfg.task, seed=seed,
+                                 k=world.k)
+  for g in gates:
+    common.log(f"seed {seed}: gate {g['split'].removeprefix('gate_')} "
+               f"{g['accuracy']:.2f} ({'>=' if g['direction'] == 'min' else '<='} "
+               f"{g['threshold']:.2f}): {'pass' if g['passed'] else 'FAIL'}")
+  records += gates
   for name, info in infos.items():
     records.append({"task": cfg.task, "tier": "all", "library": "single", "method": name,
                     "answer_format": "direct", "split": f"train_{name}", "seed": seed,

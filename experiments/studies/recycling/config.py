@@ -15,6 +15,7 @@ from typing import Any
 import jax
 
 from experiments import schema
+from experiments import verdicts
 from lora_limits import lora as lora_lib
 from lora_limits import tree as tree_lib
 from lora_limits.models import transformer
@@ -24,7 +25,11 @@ from lora_limits.tasks import math_word, two_hop
 
 TASKS = ("two_hop", "math")
 LIBRARIES = {"two": ("hop1", "hop2"), "two_plus_target": ("hop1", "hop2", "target")}
-CONTROLS = ("base", "hop1", "hop2", "target", "union")
+# The controls: the base model, and each adapter alone. `union` (hop1 ∪ hop2 data) is the
+# positive control for composition; `all` (hop1 ∪ hop2 ∪ target data) the data-pooling
+# upper bound.
+ADAPTERS = ("hop1", "hop2", "target", "union", "all")
+CONTROLS = ("base",) + ADAPTERS
 MAX_DISTRACTORS = 6
 
 
@@ -70,8 +75,12 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class PretrainSection:
+  """batch_size: rows per step; row_len: tokens per packed row (`data.pack`), 0 trains on
+  one padded sequence per row."""
+
   steps: int
   batch_size: int
+  row_len: int
   learning_rate: float
   warmup_steps: int
   weight_decay: float
@@ -79,7 +88,7 @@ class PretrainSection:
 
   def __post_init__(self):
     _positive("pretrain", self, ("steps", "batch_size"))
-    _non_negative("pretrain", self, ("warmup_steps", "save_every", "weight_decay"))
+    _non_negative("pretrain", self, ("warmup_steps", "save_every", "weight_decay", "row_len"))
     if not self.learning_rate > 0:
       raise ValueError(f"pretrain.learning_rate must be > 0, got {self.learning_rate}")
 
@@ -87,7 +96,9 @@ class PretrainSection:
 @dataclasses.dataclass(frozen=True)
 class AdapterSection:
   """Each adapter trains until `stop_accuracy` exact match on its own training data (checked
-  every `eval_every` steps) or `max_steps`."""
+  every `eval_every` steps) or `max_steps`. replay: pretraining texts mixed into its data, as
+  a fraction of its own examples (the same sample size for every adapter; none names a
+  test entity's fact), so it keeps what the base knew; row_len: packed rows (0: unpacked)."""
 
   rank: int
   alpha: float
@@ -100,10 +111,12 @@ class AdapterSection:
   warmup_steps: int
   stop_accuracy: float
   eval_every: int
+  replay: float
+  row_len: int
 
   def __post_init__(self):
     _positive("adapters", self, ("rank", "max_steps", "batch_size", "eval_every"))
-    _non_negative("adapters", self, ("warmup_steps",))
+    _non_negative("adapters", self, ("warmup_steps", "replay", "row_len"))
     if not 0.0 < self.stop_accuracy <= 1.0:
       raise ValueError(f"adapters.stop_accuracy must be in (0, 1], got {self.stop_accuracy}")
     if not self.learning_rate > 0 or not self.alpha > 0:
@@ -163,6 +176,26 @@ class RecycleSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class GatesSection:
+  """Thresholds of the gates (see `experiments.verdicts`), printed in the report."""
+
+  base_extraction: float
+  base_cot: float
+  base_leak: float
+  expert: float
+  bridge_stated: float
+  union_cot: float
+  union_cot_goal: float
+
+  def __post_init__(self):
+    _ = self.thresholds  # each in [0, 1]
+
+  @property
+  def thresholds(self) -> verdicts.GateThresholds:
+    return verdicts.GateThresholds(**dataclasses.asdict(self))
+
+
+@dataclasses.dataclass(frozen=True)
 class StudyConfig:
   """The whole study. cache_dir '' means <workdir>/cache; world: the task's settings, minus
   seed (set per run from `seeds`)."""
@@ -176,6 +209,7 @@ class StudyConfig:
   pretrain: PretrainSection
   adapters: AdapterSection
   recycle: RecycleSection
+  gates: GatesSection
   eval_batch_size: int
 
   def __post_init__(self):

@@ -1,4 +1,6 @@
-"""Evaluation: every model on every test split of every tier, greedy exact match + chance."""
+"""Evaluation: every model on every test split of every group, greedy exact match, chance and
+the majority baseline; chain-of-thought splits give a strict record (`cot`: the bridge and
+the final answer right) and a lenient one (`cot_lenient`: the final answer)."""
 
 from __future__ import annotations
 
@@ -52,17 +54,25 @@ def evaluate_model(model: models_lib.Model, base: stages.Base, world: task_commo
     start = 0
     for group in world.groups:
       group_ex = by_group[group]
-      chance = world.chance[group][split if split != BRIDGE_SPLIT else "test_two_hop_cot"]
+      answers = split if split != BRIDGE_SPLIT else "test_two_hop_cot"
+      chance = world.chance[group][answers]
       res = exact_match.score_split(split, texts[start:start + len(group_ex)], group_ex,
                                     chance=chance)
       start += len(group_ex)
-      fmt = "cot" if split.endswith("_cot") else "direct"
       rec = {"task": task, "tier": group, "library": model.library, "method": model.method,
-             "answer_format": fmt, "split": split, "seed": seed, "accuracy": res.accuracy,
-             "n": res.n, "chance": res.chance, "data_free": model.data_free}
-      if res.bridge_accuracy is not None:
-        rec["bridge_accuracy"] = res.bridge_accuracy
+             "answer_format": "direct", "split": split, "seed": seed,
+             "accuracy": res.accuracy, "n": res.n, "chance": res.chance,
+             "majority": world.majority.get(group, {}).get(answers),
+             "data_free": model.data_free}
       if recycled.extra:
         rec["extra"] = dict(recycled.extra)
-      records.append(rec)
+      if split.endswith("_cot"):
+        # Strict (the bridge and the answer right) as `cot`; the final answer alone beside it.
+        strict = dict(rec, answer_format="cot", accuracy=(
+            res.strict_accuracy if res.strict_accuracy is not None else res.accuracy))
+        if res.bridge_accuracy is not None:
+          strict["bridge_accuracy"] = res.bridge_accuracy
+        records += [strict, dict(rec, answer_format="cot_lenient")]
+      else:
+        records.append(rec)
   return records

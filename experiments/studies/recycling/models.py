@@ -64,7 +64,7 @@ def few_shot_pool(world: task_common.World) -> tuple[task_common.Example, ...]:
   """Labelled examples of the composed task a few-shot method may use: the `target` splits
   (direct and chain-of-thought), never the tests."""
   return tuple(e for g in world.groups for s in ("target", "target_cot")
-               for e in world.splits[g][s])
+               for e in world.splits[g].get(s, ()))
 
 
 def needs(cfg: config_lib.StudyConfig) -> frozenset[str]:

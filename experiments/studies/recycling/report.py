@@ -19,32 +19,30 @@ from typing import Any
 import numpy as np
 
 from experiments import common
+from experiments import verdicts
 
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-         9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+TIER_MECHANISM = {"two_hop": (
+    "The tiers share one pretraining corpus and differ only in what it holds about their "
+    "entities. **F**: nothing — their names appear only in fact-free copy texts (\"echo X . "
+    "X\"), so each is a trained token with no fact. **H**: the same, plus unrelated "
+    "background sentences (\"X likes tea .\"): the entity is familiar, its facts are not. "
+    "**R**: the background and both hop facts, in statement and question forms, "
+    "`fact_exposure` times each (the dose `configs/sweep_exposure.py` sweeps): the facts are "
+    "known before any adapter. No tier ever sees a composed question about its own "
+    "entities. So accuracy can differ between tiers only through what the corpus says "
+    "about the entities. The `filler` columns are the probes of what pretraining taught: "
+    "questions about facts seen only as statements (extraction) and chain-of-thought on "
+    "fillers never shown a composed question (the procedure, not recall).")}
 KEY = ("task", "tier", "library", "method", "answer_format", "split")
-TIER_ORDER = ("F", "H", "R", "math", "all")
-CONTROL_ORDER = ("base", "hop1", "hop2", "target", "union")
+TIER_ORDER = ("F", "H", "R", "filler", "math", "all")
+CONTROL_ORDER = ("base", "hop1", "hop2", "target", "union", "all")
 LIBRARY_LABEL = {"two": "2-combination", "two_plus_target": "2-combination + target",
                  "single": "single adapter", "none": "no adapter"}
 REQUIRED = ("task", "tier", "library", "method", "answer_format", "split", "seed", "accuracy",
             "n", "chance")
 
 
-def t_quantile(dof: int) -> float:
-  for k in sorted(_T975):
-    if dof <= k:
-      return _T975[k]
-  return 1.96
-
-
-def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-  if n <= 0:
-    return (float("nan"), float("nan"))
-  denom = 1 + z * z / n
-  centre = (p + z * z / (2 * n)) / denom
-  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-  return (max(0.0, centre - half), min(1.0, centre + half))
+t_quantile, wilson = verdicts.t_quantile, verdicts.wilson
 
 
 def aggregate(records: Iterable[Mapping[str, Any]]) -> dict[tuple, dict[str, Any]]:
@@ -65,10 +63,12 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> dict[tuple, dict[str, Any
       half = t_quantile(len(rs) - 1) * float(acc.std(ddof=1)) / math.sqrt(len(rs))
       lo, hi = min(lo, max(0.0, mean - half)), max(hi, min(1.0, mean + half))
     chance = [r["chance"] for r in rs if r.get("chance") is not None]
+    majority = [r["majority"] for r in rs if r.get("majority") is not None]
     bridge = [r["bridge_accuracy"] for r in rs if r.get("bridge_accuracy") is not None]
     out[key] = {"mean": mean, "lo": lo, "hi": hi, "seeds": len(rs),
                 "n": int(sum(r["n"] for r in rs)),
                 "chance": float(np.mean(chance)) if chance else None,
+                "majority": float(np.mean(majority)) if majority else None,
                 "bridge": float(np.mean(bridge)) if bridge else None,
                 "data_free": all(r.get("data_free", True) for r in rs)}
   return out
@@ -120,14 +120,15 @@ def agg_data_free(agg, task, library, method) -> bool:
   return all(c["data_free"] for c in cells)
 
 
-def chance_row(agg, task, tiers, splits) -> str:
+def chance_row(agg, task, tiers, splits, what: str = "chance") -> str:
+  """The chance level (or, what='majority', the majority-answer baseline) per column."""
   cells = []
   for t in tiers:
     for s in splits:
-      vals = [v["chance"] for k, v in agg.items() if k[0] == task and k[1] == t and k[5] == s
-              and v["chance"] is not None]
+      vals = [v[what] for k, v in agg.items() if k[0] == task and k[1] == t and k[5] == s
+              and v.get(what) is not None]
       cells.append(f"{np.mean(vals):.3f}" if vals else "–")
-  return "| chance | | " + " | ".join(cells) + " |"
+  return f"| {what} | | " + " | ".join(cells) + " |"
 
 
 # ------------------------------------------------------------------------------ figures
@@ -225,116 +226,6 @@ def figure_b(agg, task: str, path: pathlib.Path) -> bool:
 # --------------------------------------------------------------------------- narrative
 
 
-def _cell(agg, task, tier, lib, m, split):
-  fmt = "cot" if split.endswith("_cot") else "direct"
-  return agg.get((task, tier, lib, m, fmt, split))
-
-
-def _data_free_cells(agg, task, tier, lib, split):
-  return {m: c for m in _methods(agg, task, lib)
-          if agg_data_free(agg, task, lib, m) and (c := _cell(agg, task, tier, lib, m, split))}
-
-
-def _lib_mean(agg, task, tier, lib, split) -> float:
-  cells = _data_free_cells(agg, task, tier, lib, split)
-  return float(np.mean([c["mean"] for c in cells.values()])) if cells else float("nan")
-
-
-def claims(agg, task: str) -> list[str]:
-  """The paper's qualitative claims, each with a verdict computed from the numbers."""
-  out = []
-  tiers = _tiers(agg, task)
-  train = {k[3]: v for k, v in agg.items() if k[0] == task and k[5].startswith("train_")}
-  hops = [s for s in _test_splits(agg, task) if s.startswith("test_hop")]
-  if train:
-    lo = min(v["mean"] for n, v in train.items() if n.startswith("hop"))
-    held = [c["mean"] for s in hops for t in tiers
-            if (c := _cell(agg, task, t, "single", s.removeprefix("test_"), s))]
-    out.append(f"**Experts are accurate on their own hop** — "
-               f"{'holds' if lo >= 0.95 else 'does not hold'} on the training questions (lowest "
-               f"hop adapter {lo:.2f}); on held-out paraphrases of their hop they score "
-               f"{min(held):.2f}–{max(held):.2f} across tiers." if held else "")
-  split = "test_two_hop_direct"
-  unfamiliar = tiers[0] if tiers else None
-  cells = _data_free_cells(agg, task, unfamiliar, "two", split) if unfamiliar else {}
-  if cells:
-    best = max(cells, key=lambda m: cells[m]["mean"])
-    chance = cells[best]["chance"] or 0.0
-    poor = all(c["lo"] <= chance for c in cells.values())
-    what = ("composed problems** (" if task == "math" else
-            f"two-hop questions about unfamiliar entities** (tier {unfamiliar}, ")
-    out.append(f"**The 2-combination library fails on {what}direct answers) — "
-               f"{'reproduced' if poor else 'not reproduced'}: the best data-free method "
-               f"({best}) scores {_fmt(cells[best])} against chance {chance:.2f}"
-               + ("; no method's interval lies above chance." if poor else "."))
-  if tiers:
-    diffs = [(t, s, _lib_mean(agg, task, t, "two_plus_target", s) - _lib_mean(agg, task, t, "two", s))
-             for t in tiers for s in ("test_two_hop_direct", "test_two_hop_cot")]
-    diffs = [d for d in diffs if not np.isnan(d[2])]
-    if diffs:
-      gain = max(d[2] for d in diffs)
-      tgt = [c["mean"] for t in tiers for s in ("test_two_hop_direct", "test_two_hop_cot")
-             if (c := _cell(agg, task, t, "single", "target", s))]
-      verdict = ("reproduced in part: adding it helps" if gain > 0.05 else
-                 "not reproduced: adding it does not help")
-      out.append(f"**Adding the target-task adapter is necessary** — {verdict} (largest gain of "
-                 f"the mean over data-free methods: {gain:+.2f}); the target adapter alone "
-                 f"scores {min(tgt):.2f}–{max(tgt):.2f} on the two-hop tests." if tgt else "")
-  if len(tiers) >= 2:
-    by_tier = [_lib_mean(agg, task, t, "two", split) for t in tiers]
-    if not np.isnan(by_tier).any():
-      rises = by_tier[-1] > by_tier[0] + 0.05
-      out.append(f"**Accuracy rises with familiarity** — {'reproduced' if rises else 'not reproduced'}"
-                 f": 2-combination mean over data-free methods on two-hop direct questions "
-                 + ", ".join(f"{t} {v:.2f}" for t, v in zip(tiers, by_tier)) + ".")
-  controls = {}
-  for t in tiers:
-    for s in ("test_two_hop_direct", "test_two_hop_cot", "test_two_hop_bridge"):
-      for lib, m in (("none", "base"), ("single", "union"), ("single", "target")):
-        if (c := _cell(agg, task, t, lib, m, s)):
-          controls[(t, s.removeprefix("test_"), m)] = c
-  if controls:
-    composes = {k: c for k, c in controls.items() if c["lo"] > (c["chance"] or 0.0)}
-    if composes:
-      k = max(composes, key=lambda k: composes[k]["mean"])
-      out.append(f"**Positive control** — composition is possible in this setting: the {k[2]} "
-                 f"model answers {k[1]} questions on tier {k[0]} at {_fmt(composes[k])}, above "
-                 "chance; where recycling stays at chance, the failure is the recycling's.")
-    else:
-      out.append("**Positive control** — no control (base model, union-data adapter, target "
-                 "adapter) answers any two-hop test above chance either, so in this setting the "
-                 "failure of recycling cannot be told apart from the base model's inability to "
-                 "compose at all; a larger base model (`configs/two_hop.py:large`) is the "
-                 "next test.")
-  return [c for c in out if c]
-
-
-def findings(agg, task: str) -> list[str]:
-  """Per composed split and library: the best data-free method per tier and the verdict."""
-  out = []
-  tiers = _tiers(agg, task)
-  composed = [s for s in _test_splits(agg, task) if not s.startswith("test_hop")]
-  for s in composed:
-    for lib in ("two", "two_plus_target"):
-      parts = []
-      any_above = False
-      for t in tiers:
-        cells = _data_free_cells(agg, task, t, lib, s)
-        if not cells:
-          continue
-        best = max(cells, key=lambda m: cells[m]["mean"])
-        chance = cells[best]["chance"] or 0.0
-        above = sorted(m for m, c in cells.items() if c["lo"] > chance)
-        any_above |= bool(above)
-        parts.append(f"{t}: {best} {_fmt(cells[best])}"
-                     + (f", above chance: {', '.join(above)}" if above else ""))
-      if parts:
-        out.append(f"{s.removeprefix('test_')}, {LIBRARY_LABEL[lib]} — best data-free method per "
-                   f"tier: " + "; ".join(parts)
-                   + ("." if any_above else "; no interval lies above chance."))
-  return out
-
-
 # ------------------------------------------------------------------------------ report
 
 
@@ -372,9 +263,26 @@ def write_report(workdir: pathlib.Path, results: pathlib.Path | None = None) -> 
     if recall:
       lines += [f"Base model recall of the facts its pretraining corpus states (teacher-forced "
                 f"exact match, per seed): {', '.join(f'{x:.3f}' for x in recall)}.", ""]
-    lines += ["### What this shows", "", "The paper's claims, checked on these numbers:", ""]
-    lines += [f"- {c}" for c in claims(agg, task)] + ["", "Per composed test:", ""]
-    lines += [f"- {f}" for f in findings(agg, task)] + [""]
+    k = max((int(sp.removeprefix("test_hop")) for sp in splits if sp.startswith("test_hop")),
+            default=2)
+    if task in TIER_MECHANISM:
+      lines += ["### The tiers and what the corpus holds about them", "", TIER_MECHANISM[task],
+                ""]
+    gates = verdicts.gates_markdown(records, task)
+    lines += ["### Gates, per seed", ""] + (gates or ["No gate records (an older run)."]) + [""]
+    lines += ["### The paper's claims", ""] + verdicts.claims_markdown(records, task) + [""]
+    classes = verdicts.classes_markdown(records, task)
+    if classes:
+      lines += [f"### Recycled models on tier {verdicts.UNFAMILIAR[task]}: retention and class",
+                "", "Retention: held-out one-hop accuracy relative to the experts' (mean over "
+                "hops and seeds). Classes: *composes* (CoT interval above the majority "
+                "baseline), *keeps the facts but does not compose* (retention >= 0.8), *loses "
+                "the facts* (retention < 0.8) — a different failure from the paper's. Methods "
+                "whose every record is identical are listed once.", ""] + classes + [""]
+    effects = verdicts.side_effects_markdown(records, task, k=k)
+    if effects:
+      lines += ["### Side effects on what the base model knew (the filler probes)", ""] + \
+          effects + [""]
     if figure_a(agg, task, "H" if "H" in tiers else tiers[0], figures / f"{task}_a_tier.png"):
       lines += [f"![figure a](figures/{task}_a_tier.png)", "",
                 f"Figure (a): library-level vs expert-level accuracy on tier "
@@ -386,22 +294,30 @@ def write_report(workdir: pathlib.Path, results: pathlib.Path | None = None) -> 
     controls = [(lib, m) for lib in ("none", "single") for m in CONTROL_ORDER
                 if any(k[0] == task and k[2] == lib and k[3] == m for k in agg)]
     lines += ["### Controls: base model and single adapters", "",
-              table(agg, task, controls, tiers, splits), chance_row(agg, task, tiers, splits), ""]
+              table(agg, task, controls, tiers, splits), chance_row(agg, task, tiers, splits),
+              chance_row(agg, task, tiers, splits, "majority"), ""]
     for lib in ("two", "two_plus_target"):
       methods = _methods(agg, task, lib)
       if methods:
         lines += [f"### Library: {LIBRARY_LABEL[lib]}", "",
                   table(agg, task, [(lib, m) for m in methods], tiers, splits),
-                  chance_row(agg, task, tiers, splits), ""]
+                  chance_row(agg, task, tiers, splits),
+                  chance_row(agg, task, tiers, splits, "majority"), ""]
     cot = [k for k, v in agg.items() if k[0] == task and v["bridge"] is not None]
     if cot:
-      lines += ["### Chain-of-thought: how often the bridge entity was right", "",
-                "| tier | library | method | bridge | final answer |", "|---|---|---|---|---|"]
+      lines += ["### Chain-of-thought: the bridge, strict and lenient scores", "",
+                "Strict (the tables above): the bridge entity and the final answer right; "
+                "lenient: the final answer alone.", "",
+                "| tier | library | method | bridge | strict | lenient |",
+                "|---|---|---|---|---|---|"]
       for k in sorted(cot, key=lambda k: (TIER_ORDER.index(k[1]) if k[1] in TIER_ORDER else 9,
                                            k[2], k[3])):
         v = agg[k]
+        lenient = agg.get(k[:4] + ("cot_lenient",) + k[5:])
         lines.append(f"| {k[1]} | {LIBRARY_LABEL.get(k[2], k[2])} | {k[3]} | {v['bridge']:.2f} | "
-                     f"{v['mean']:.2f} |")
+                     f"{v['mean']:.2f} | {lenient['mean']:.2f} |" if lenient else
+                     f"| {k[1]} | {LIBRARY_LABEL.get(k[2], k[2])} | {k[3]} | {v['bridge']:.2f} | "
+                     f"{v['mean']:.2f} | – |")
       lines.append("")
     train_rows = sorted(k for k in agg if k[0] == task and k[5].startswith("train_"))
     if train_rows:

@@ -20,6 +20,7 @@ import numpy as np
 from experiments import common
 from experiments import schema
 from experiments.studies.recycling import config as config_lib
+from lora_limits import data as data_lib
 from lora_limits import exact_match
 from lora_limits import lora as lora_lib
 from lora_limits import tokenizer as tok_lib
@@ -83,8 +84,10 @@ def pretrained_base(cfg: StudyConfig, world: task_common.World, tokenizer, cache
                  "vocab": tok_lib.vocab_ids(tokenizer)})
   directory = cache / "base" / key
   info_path = directory / "base.json"
-  corpus_data = tok_lib.encode_corpus(tokenizer, world.corpus)
   p = cfg.pretrain
+  corpus_data = tok_lib.encode_corpus(tokenizer, world.corpus)
+  if p.row_len:
+    corpus_data = data_lib.pack(corpus_data, p.row_len, pad_id=tokenizer.pad_token_id)
   loop = train_lib.LoopConfig(steps=p.steps, batch_size=p.batch_size, seed=seed, loss_on="all",
                               save_every=p.save_every)
   optim = train_lib.OptimConfig(learning_rate=p.learning_rate, warmup_steps=p.warmup_steps,
@@ -137,8 +140,34 @@ def adapter_examples(world: task_common.World, name: str,
       raise ValueError(f"recycle.distractors={distractors} exceeds the {len(pool)} irrelevant "
                        "facts the world has for them")
     return pool[i - 1::distractors]
-  splits = {"target": ("target", "target_cot")}.get(name, (name,))
-  return [e for group in world.groups for s in splits for e in world.splits[group][s]]
+  splits = {"target": ("target", "target_cot"),
+            "all": ("union", "target", "target_cot")}.get(name, (name,))
+  # Groups without training splits (the two-hop world's filler probes) contribute nothing.
+  return [e for group in world.groups for s in splits for e in world.splits[group].get(s, ())]
+
+
+def replay_texts(world: task_common.World, count: int, seed: int) -> list[str]:
+  """`count` pretraining texts drawn without replacement (seeded; the same for every adapter
+  of a seed): what an adapter rehearses so it keeps what the base knew."""
+  if count <= 0:
+    return []
+  rng = np.random.default_rng([seed, 13])
+  idx = rng.choice(len(world.corpus), size=min(count, len(world.corpus)), replace=False)
+  return [world.corpus[i] for i in sorted(idx)]
+
+
+def adapter_data(cfg: StudyConfig, tokenizer, world: task_common.World,
+                 examples, seed: int):
+  """The rows an adapter trains on: its examples and the replay sample (loss on the answers,
+  and on every token of a replayed text), packed when `adapters.row_len` is set."""
+  a = cfg.adapters
+  rows = tok_lib.encode_examples(tokenizer, examples)
+  replay = replay_texts(world, int(round(a.replay * len(examples))), seed)
+  parts = [rows] + ([tok_lib.encode_corpus(tokenizer, replay)] if replay else [])
+  data = data_lib.concat(parts, tokenizer.pad_token_id)
+  if a.row_len:
+    data = data_lib.pack(data, a.row_len, pad_id=tokenizer.pad_token_id, loss_on="answer")
+  return rows, data
 
 
 def trained_adapter(cfg: StudyConfig, base: Base, world: task_common.World, name: str,
@@ -150,7 +179,7 @@ def trained_adapter(cfg: StudyConfig, base: Base, world: task_common.World, name
                  "examples": [e.to_dict() for e in examples], "settings": schema.to_dict(a)})
   directory = cache / "adapters" / f"{name}-{key}"
   info_path = directory / "adapter.json"
-  rows = tok_lib.encode_examples(base.tokenizer, examples)
+  rows, data = adapter_data(cfg, base.tokenizer, world, examples, seed)
   loop = train_lib.LoopConfig(steps=a.max_steps, batch_size=a.batch_size,
                               seed=seed * 1000 + _adapter_index(name),
                               loss_on="answer", eval_every=a.eval_every)
@@ -166,7 +195,7 @@ def trained_adapter(cfg: StudyConfig, base: Base, world: task_common.World, name
   directory.mkdir(parents=True, exist_ok=True)
   on_metrics, progress = _progress(directory, f"adapter {name} seed {seed}", a.max_steps)
   adapter, history, stopped = train_lib.train_lora(
-      base.params, base.cfg, a.spec, rows, optim=optim, loop=loop,
+      base.params, base.cfg, a.spec, data, optim=optim, loop=loop,
       checkpoint_dir=str(directory / "ckpt"), record={"adapter": name}, on_metrics=on_metrics,
       stop_fn=reached)
   _write_history(directory, history)
@@ -188,5 +217,5 @@ def trained_adapter(cfg: StudyConfig, base: Base, world: task_common.World, name
 
 def _adapter_index(name: str) -> int:
   """A stable small integer per adapter name (it keys the adapter's init and data order)."""
-  fixed = ("hop1", "hop2", "target", "union")
+  fixed = ("hop1", "hop2", "target", "union", "all")
   return fixed.index(name) if name in fixed else 10 + int(name.removeprefix("distractor"))
