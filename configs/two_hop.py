@@ -41,7 +41,7 @@ def get_config(variant: str = "") -> config_dict.ConfigDict:
                                            weight_decay=0.0, save_every=200))
   c.adapters = config_dict.ConfigDict(dict(
       rank=8, alpha=16.0, targets=lora.DEFAULT_TARGETS, rslora=False, dropout=0.0,
-      max_steps=500, batch_size=8, learning_rate=1e-2, warmup_steps=20, stop_accuracy=0.98,
+      max_steps=500, batch_size=8, learning_rate=1e-2, warmup_steps=20, stop_accuracy=1.0,
       eval_every=25, replay=1.0, row_len=128))
   c.gates = config_dict.ConfigDict(dict(
       base_extraction=0.95, base_cot=0.9, base_leak=0.1, expert=0.9, bridge_stated=0.9,

@@ -55,7 +55,9 @@ def test_a_registered_method_reaches_the_results(smoke_run):
   records = common.read_jsonl(workdir / "results.jsonl")
   mine = [r for r in records if r["method"] == "scaled_sum"]
   assert {r["library"] for r in mine} == set(cfg.recycle.libraries)
-  assert len(mine) == len(cfg.recycle.libraries) * 3 * 5
+  # Per library: 4 groups (tiers F, H, R and the filler probes) × 5 splits, the CoT split
+  # giving a strict and a lenient record.
+  assert len(mine) == len(cfg.recycle.libraries) * 4 * 6
   assert all(r["data_free"] and r["extra"] == {"scale": 0.5} for r in mine)
   assert "scaled_sum" not in recyclers.registry()  # the registration ended with the fixture
 
@@ -63,27 +65,39 @@ def test_a_registered_method_reaches_the_results(smoke_run):
 def test_records_cover_every_model_tier_and_split(smoke_run):
   workdir, cfg = smoke_run
   records = common.read_jsonl(workdir / "results.jsonl")
-  evals = [r for r in records if not r["split"].startswith("train_")]
+  evals = [r for r in records if not r["split"].startswith(("train_", "gate_"))]
   for r in evals:
     assert set(report.REQUIRED) <= set(r)
     assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] > 0 and 0.0 < r["chance"] < 1.0
+    assert r["chance"] <= r["majority"] < 1.0
   models = {(r["library"], r["method"]) for r in evals}
   expected = {("none", "base")} | {("single", n) for n in recycling.config.CONTROLS[1:]}
   expected |= {(lib, m) for lib in cfg.recycle.libraries for m in cfg.recycle.methods}
   assert models == expected
-  assert {r["tier"] for r in evals} == {"F", "H", "R"}
+  assert {r["tier"] for r in evals} == {"F", "H", "R", "filler"}
   assert {r["split"] for r in evals} == {"test_hop1", "test_hop2", "test_two_hop_direct",
                                           "test_two_hop_cot", "test_two_hop_bridge"}
   assert all("bridge_accuracy" in r for r in evals if r["answer_format"] == "cot")
-  assert len(evals) == len(expected) * 3 * 5
+  assert {r["answer_format"] for r in evals if r["split"] == "test_two_hop_cot"} == {
+      "cot", "cot_lenient"}
+  assert len(evals) == len(expected) * 4 * 6
   train = [r for r in records if r["split"].startswith("train_")]
-  assert {r["method"] for r in train} == {"hop1", "hop2", "target", "union"}
+  assert {r["method"] for r in train} == {"hop1", "hop2", "target", "union", "all"}
+  recycled = [r for r in evals if r["library"] in cfg.recycle.libraries and r["tier"] != "filler"]
+  assert recycled and all("retention" in r for r in recycled)
+  gates = [r for r in records if r["split"].startswith("gate_")]
+  assert {g["split"] for g in gates} == {
+      "gate_base_extraction", "gate_base_cot", "gate_base_leak", "gate_expert_hop1",
+      "gate_expert_hop2", "gate_bridge_stated", "gate_union_cot"}
+  assert all(isinstance(g["passed"], bool) and g["threshold"] is not None for g in gates)
 
 
 def test_report_and_figures_exist(smoke_run):
   workdir, _ = smoke_run
   text = (workdir / "report.md").read_text()
-  assert "### What this shows" in text and "figures/two_hop_a_tier.png" in text
+  assert text.index("### Gates, per seed") < text.index("### The paper's claims") < text.index(
+      "### Controls")
+  assert "figures/two_hop_a_tier.png" in text
   assert (workdir / "figures" / "two_hop_a_tier.png").stat().st_size > 1000
   assert (workdir / "figures" / "two_hop_b_familiarity.png").stat().st_size > 1000
   config = json.loads((workdir / "config.json").read_text())

@@ -25,7 +25,7 @@ def test_sweep_runs_every_value_and_shares_the_base(tmp_path):
   assert {r["sweep_value"] for r in records} == {1, 2}
   assert {r["sweep_field"] for r in records} == {"adapters.rank"}
   assert len(list((tmp_path / "cache" / "base").iterdir())) == 1  # one base for both ranks
-  assert len(list((tmp_path / "cache" / "adapters").iterdir())) == 8  # 4 adapters x 2 ranks
+  assert len(list((tmp_path / "cache" / "adapters").iterdir())) == 10  # 5 adapters x 2 ranks
   assert "| sum |" in (tmp_path / "sweep.md").read_text()
   assert (tmp_path / "sweep.png").stat().st_size > 1000
 
