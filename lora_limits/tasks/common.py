@@ -251,6 +251,8 @@ class World:
   splits: {group: {split: examples}}; groups are tiers 'F', 'H', 'R' (two-hop) or 'math'.
   recall: question → answer probes whose text is in the corpus (pretraining recall).
   chance: {group: {split: chance accuracy}} from the answer space.
+  majority: {group: {split: majority-answer accuracy}} (`majority_levels`); empty where a
+    world does not fill it.
   entities: {group: {role: names}}; facts: {group: {hopI: ((subject, object), ...)}};
   composed: {group: ((head, final), ...)} — the audit data behind the exposure counts.
   rules: {group: LeakRules}.
@@ -272,6 +274,7 @@ class World:
   facts: Mapping[str, Mapping[str, tuple[tuple[str, str], ...]]] = dataclasses.field(
       default_factory=dict)
   composed: Mapping[str, tuple[tuple[str, str], ...]] = dataclasses.field(default_factory=dict)
+  majority: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
 
   @property
   def groups(self) -> tuple[str, ...]:
@@ -366,6 +369,8 @@ def manifest(world: World, exposure: Mapping[str, Any] | None = None) -> dict[st
       "chance": {g: dict(c) for g, c in world.chance.items()},
       "recall": len(world.recall),
   }
+  if world.majority:
+    out["majority"] = {g: dict(m) for g, m in world.majority.items()}
   if exposure is not None:
     out["exposure"] = exposure
   return out
