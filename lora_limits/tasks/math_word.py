@@ -36,7 +36,7 @@ template word but state no result, and the skill facts — in every arm. One kno
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lora_limits.tasks import common
