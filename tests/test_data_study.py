@@ -20,7 +20,7 @@ def small_config():
   config = data_config.get_config()
   config.seeds = (0,)
   config.two_hop.update(dict(test_chains=4, target_chains=3, filler_chains=24, pool_size=3))
-  config.math.update(dict(max_factor=4, test_pairs=3, test_triples=6, scene_sentences=150,
+  config.math.update(dict(max_factor=4, test_triples=6, scene_sentences=150,
                           domain_problems=20))
   return config
 
@@ -61,7 +61,7 @@ def test_written_splits_and_tokenizer_load_back(tmp_path, capsys):
   rows = tk.encode_examples(tok, examples)
   assert rows["tokens"].shape[0] == 4
   # The same tokenizer serves another seed of the same settings.
-  other = tasks.build(tasks.MathSettings(seed=5, max_factor=4, test_pairs=3, test_triples=6,
+  other = tasks.build(tasks.MathSettings(seed=5, max_factor=4, test_triples=6,
                                          scene_sentences=150, domain_problems=20))
   tk.check_round_trip(tok, other.texts())
 
@@ -84,7 +84,7 @@ def test_command_line_writes_and_prints_the_manifest(tmp_path):
   env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
   cmd = [sys.executable, "-m", "experiments.run", "--config=configs/data.py",
          f"--workdir={tmp_path}", "--config.seeds=(1,)", "--config.worlds=('math',)",
-         "--config.math.max_factor=4", "--config.math.test_pairs=3"]
+         "--config.math.max_factor=4", "--config.math.test_triples=6"]
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr
   manifest = json.loads(out.stdout)

@@ -44,7 +44,7 @@ def test_clean_worlds_pass(world):
   corpus.check_no_leak(world)
   corpus.check_coverage(world)
   corpus.check_no_leak(math_word.build(math_word.MathSettings(
-      max_factor=4, test_pairs=3, test_triples=6, scene_sentences=150, domain_problems=20)))
+      max_factor=4, test_triples=6, scene_sentences=150, domain_problems=20)))
 
 
 def test_test_question_in_a_training_split_is_caught(world):

@@ -9,7 +9,7 @@ from lora_limits import tokenizer as tk
 from lora_limits.tasks import math_word, two_hop
 
 TH = dict(test_chains=5, target_chains=4, filler_chains=24, pool_size=3)
-MW = dict(max_factor=4, test_pairs=3, test_triples=6, scene_sentences=150, domain_problems=20)
+MW = dict(max_factor=4, test_triples=6, scene_sentences=150, domain_problems=20)
 
 
 @pytest.fixture(scope="module")

@@ -250,12 +250,14 @@ class World:
 
   kind: 'two_hop' | 'math'; k: hops (skills) of the composed question.
   corpus: pretraining texts in a fixed shuffled order; corpus_parts: texts per source.
-  splits: {group: {split: examples}}; groups are tiers 'F', 'H', 'R' (two-hop) or 'math'.
+  splits: {group: {split: examples}}; groups are tiers 'F', 'H', 'R' and the 'filler'
+    probes (test splits only) in the two-hop world, or 'math'.
   recall: question → answer probes whose text is in the corpus (pretraining recall).
   chance: {group: {split: chance accuracy}} from the answer space.
+  majority: {group: {split: majority-answer accuracy}} (`majority_levels`); empty where a
+    world does not fill it.
   entities: {group: {role: names}}; facts: {group: {hopI: ((subject, object), ...)}};
   composed: {group: ((head, final), ...)} — the audit data behind the exposure counts.
-  majority: {group: {split: accuracy of always giving the most frequent answer}}.
   fact_free: the distinct corpus texts that carry no fact (copy texts naming one entity);
     names a tier keeps out of pretraining may occur only there.
   rules: {group: LeakRules}.
@@ -373,6 +375,8 @@ def manifest(world: World, exposure: Mapping[str, Any] | None = None) -> dict[st
       "chance": {g: dict(c) for g, c in world.chance.items()},
       "recall": len(world.recall),
   }
+  if world.majority:
+    out["majority"] = {g: dict(m) for g, m in world.majority.items()}
   if exposure is not None:
     out["exposure"] = exposure
   return out
