@@ -551,6 +551,14 @@ def _fact_examples(group: _Group, settings: TwoHopSettings, hop: int, facts, spl
   return tuple(out)
 
 
+def _shared(r: Relation, tests: tuple[common.Example, ...]) -> tuple[common.Example, ...]:
+  """A fact about a pooled entity (a city's country) is shared world knowledge, stated in
+  every form by the fillers: its one-hop test measures recall, not a group's own facts."""
+  if r.subject not in POOL_TYPES:
+    return tests
+  return tuple(common.Example(e.prompt, e.answer, {**e.meta, "shared": True}) for e in tests)
+
+
 def _statement_examples(group: _Group, settings: TwoHopSettings, hop: int, facts,
                         split: str) -> tuple[common.Example, ...]:
   """Every statement form of each fact: "A 's spouse is" → "B ." (the statement's text)."""
@@ -712,14 +720,9 @@ def build(settings: TwoHopSettings) -> common.World:
     sp["target"] = _composed_examples(g, settings, g.target, "target", "direct", False)
     sp["target_cot"] = _composed_examples(g, settings, g.target, "target_cot", "cot", False)
     for i in range(k):
-      tests = _fact_examples(g, settings, i, g.hop_facts(i, g.test), f"test_hop{i + 1}",
-                             "heldout", one_per_fact=True)
-      if rels[i].subject in POOL_TYPES:
-        # A fact about a pooled entity (a city's country) is shared world knowledge, stated
-        # in every form by the fillers: its one-hop test measures recall, not a tier's facts.
-        tests = tuple(common.Example(e.prompt, e.answer, {**e.meta, "shared": True})
-                      for e in tests)
-      sp[f"test_hop{i + 1}"] = tests
+      sp[f"test_hop{i + 1}"] = _shared(rels[i], _fact_examples(
+          g, settings, i, g.hop_facts(i, g.test), f"test_hop{i + 1}", "heldout",
+          one_per_fact=True))
     sp["test_two_hop_direct"] = _composed_examples(g, settings, g.test, "test_two_hop_direct",
                                                    "direct", True)
     sp["test_two_hop_cot"] = _composed_examples(g, settings, g.test, "test_two_hop_cot", "cot",
@@ -742,9 +745,9 @@ def build(settings: TwoHopSettings) -> common.World:
   n_probe = settings.probe_chains
   fp: dict[str, tuple[common.Example, ...]] = {}
   for i in range(k):
-    fp[f"test_hop{i + 1}"] = _fact_examples(filler, settings, i,
-                                            filler.hop_facts(i, f_statement[:n_probe]),
-                                            f"test_hop{i + 1}", "heldout", one_per_fact=True)
+    fp[f"test_hop{i + 1}"] = _shared(rels[i], _fact_examples(
+        filler, settings, i, filler.hop_facts(i, f_statement[:n_probe]), f"test_hop{i + 1}",
+        "heldout", one_per_fact=True))
   for fmt in common.FORMATS:
     fp[f"test_two_hop_{fmt}"] = _composed_examples(filler, settings, f_never[:n_probe],
                                                    f"test_two_hop_{fmt}", fmt, True)
