@@ -736,7 +736,8 @@ def build(settings: TwoHopSettings) -> common.World:
                    "person": tuple(g.people())}
     facts[t] = {f"hop{i + 1}": tuple(g.hop_facts(i)) for i in range(k)}
     composed[t] = tuple(dict.fromkeys((c[0], c[-1]) for c in g.chains()))
-    hidden_facts = tuple(f for i in range(k) if i not in exposed for f in g.hop_facts(i))
+    hidden_facts = tuple(f for i in range(k) if i not in exposed
+                         and rels[i].subject not in POOL_TYPES for f in g.hop_facts(i))
     disjoint = tuple((tr, te) for tr in common.TARGET_SPLITS for te in common.COMPOSED_TESTS)
     rules[t] = common.LeakRules(absent_names=tuple(g.people()) if t == "F" else (),
                                 absent_pairs=composed[t] + hidden_facts, disjoint=disjoint)
@@ -820,7 +821,10 @@ def check_familiarity(world: common.World) -> None:
         raise ValueError(f"tier {group}: entity {name!r} is in {n} fact-free texts; "
                          f"fact_free_exposure={world.settings.fact_free_exposure} prescribes "
                          f"{per_person}")
-    kinds = dict(world.facts[group])
+    chain = world.settings.chain
+    # Facts about pooled entities (a city's country) are shared by every group: not counted.
+    kinds = {f"hop{i + 1}": pairs for i, pairs in enumerate(world.facts[group].values())
+             if chain[i].subject not in POOL_TYPES}
     kinds["composed"] = world.composed[group]
     for kind, pairs in kinds.items():
       co = corpus_lib.count_cooccurrences(world.corpus, pairs)
