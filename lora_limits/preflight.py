@@ -657,3 +657,115 @@ def bootstrap_spearman(x, y, *, seed: int, n_boot: int = 2000,
     return rho, float("nan"), float("nan")
   lo, hi = np.quantile(vals, [(1 - level) / 2, (1 + level) / 2])
   return rho, float(lo), float(hi)
+
+
+# ------------------------------------------------------------------ a library's pre-flight
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+  """One recycling method to check: `method` is a merge method of `flavor` (options passed to
+  `merge_lib.merge`) or 'arrow' (options: top_k, temperature, input_norm)."""
+
+  name: str
+  method: str
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  weights: tuple[float, ...] | None = None
+  flavor: str = "default"
+
+
+def _cause(p: PathRetention) -> str:
+  """The largest of the three losses at the worst path, in words."""
+  losses = {"lost gain": max(0.0, 1.0 - p.gain), "cross-talk from the other adapters":
+            p.crosstalk, "the method's own residual (cross terms, trimming, truncation or "
+            "routing)": p.method_residual}
+  return max(losses, key=losses.get)
+
+
+def check_library(params: Mapping[str, Any], adapters: Mapping[str, Mapping[str, lora_lib.LoraFactors]],
+                  methods: Sequence[MethodSpec], *, erase_below: float = 0.5,
+                  head_dim: int | None = None, merges: Mapping[str, merge_lib.MergeResult] | None = None
+                  ) -> dict[str, Any]:
+  """The whole pre-flight of one library: retention per adapter per method (with capacity
+  for merges, routing statistics for Arrow), the bridge path between every ordered pair of
+  adapters, the prior-art similarities, and verdicts in words. JSON-ready.
+
+  merges: already computed MergeResults by method name (else computed here).
+  """
+  if not adapters:
+    raise ValueError("adapters must name at least one adapter")
+  if not 0.0 < erase_below < 1.0:
+    raise ValueError(f"erase_below={erase_below!r} must be in (0, 1)")
+  names = list(adapters)
+  lib = [adapters[n] for n in names]
+  out: dict[str, Any] = {"adapters": names, "methods": {}, "verdicts": []}
+  verdicts = out["verdicts"]
+  for spec in methods:
+    entry: dict[str, Any] = {"method": spec.method, "options": jsonable(
+        {k: v for k, v in spec.options.items() if k not in ("key", "masks")})}
+    if spec.method == "arrow":
+      opts = dict(spec.options)
+      top_k = min(int(opts.pop("top_k", 1)), len(lib))
+      rec = arrow_retention(lib, top_k=top_k, names=names, **opts)
+      rets = rec.retention
+      entry["router"] = {"routing_entropy": rec.routing_entropy,
+                         "max_entropy": rec.max_entropy, "self_weight": rec.self_weight,
+                         "prototype_overlap_max": float(max(
+                             (np.max(v - np.eye(len(lib))) for v in
+                              rec.prototype_overlap.values()), default=0.0))}
+    else:
+      info = merge_lib.method_info(spec.method, spec.flavor)
+      merged = (merges or {}).get(spec.name) or merge_lib.merge(
+          lib, spec.method, spec.weights, flavor=spec.flavor, **spec.options)
+      w = np.asarray(merge_lib.resolve_weights(spec.weights, len(lib), info.default_weights))
+      rets = retention(lib, merged, reference_weights=w, names=names)
+      caps = capacity(lib, merged, names=names)
+      entry["capacity"] = {"min_ratio": min(c.ratio for c in caps),
+                           "keys_needed": sum(c.keys_needed for c in caps),
+                           "rank_limit": sum(c.merged_rank_limit for c in caps)}
+    entry["retention"] = {r.adapter: r.retention for r in rets}
+    entry["detail"] = {r.adapter: {
+        "worst_path": r.worst_path, "worst_retention": r.worst_retention,
+        "gain": float(np.mean([p.gain for p in r.paths if p.n_keys])),
+        "crosstalk": float(np.mean([p.crosstalk for p in r.paths if p.n_keys])),
+        "method_residual": float(np.mean([p.method_residual for p in r.paths if p.n_keys]))}
+        for r in rets}
+    for r in rets:
+      if r.retention < erase_below:
+        worst = next(p for p in r.paths if p.path == r.worst_path)
+        verdicts.append(f"{spec.name} erases {r.adapter}: predicted retention {r.retention:.2f}"
+                        f" (worst at {r.worst_path}: {r.worst_retention:.2f}, mostly "
+                        f"{_cause(worst)})")
+    if all(r.retention >= erase_below for r in rets):
+      verdicts.append(f"{spec.name} keeps every adapter (lowest predicted retention "
+                      f"{min(r.retention for r in rets):.2f})")
+    out["methods"][spec.name] = entry
+  bridges = []
+  for wi, w_name in enumerate(names):
+    for ri, r_name in enumerate(names):
+      if wi == ri:
+        continue
+      b = bridge_path(params, adapters[w_name], adapters[r_name], names=(w_name, r_name),
+                      head_dim=head_dim)
+      bridges.append(b.to_dict())
+      if b.pairs == 0:
+        verdicts.append(f"no bridge path {w_name} -> {r_name} (no later adapted layer reads "
+                        "what it writes): direct two-hop composition through these adapters "
+                        "is impossible; chain-of-thought composition needs only retention")
+      elif not b.exists:
+        verdicts.append(f"no bridge path above chance {w_name} -> {r_name} (strength "
+                        f"{b.strength:.2f}, within 2x of a random subspace's "
+                        f"{b.random_baseline:.2f}): direct two-hop composition unlikely; "
+                        "chain-of-thought composition needs only retention")
+      else:
+        verdicts.append(f"bridge path {w_name} -> {r_name}: {b.best_pair[0]} -> "
+                        f"{b.best_pair[1]}, strength {b.strength:.2f} (random "
+                        f"{b.random_baseline:.2f}); latent composition is possible, not "
+                        "guaranteed")
+  out["bridge"] = bridges
+  caps = capacity(lib, None, names=names)
+  out["capacity"] = {n: {"keys": sum(c.adapter_keys[n] for c in caps),
+                         "saturated_paths": sum(c.adapter_saturated[n] for c in caps),
+                         "paths": len(caps)} for n in names}
+  out["baselines"] = baselines(lib, names=names)
+  return out
