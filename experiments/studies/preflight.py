@@ -91,10 +91,26 @@ def _restore(directory: pathlib.Path, trainable_like) -> Any:
 
 def _one_dir(dirs: list[pathlib.Path], what: str, workdir: pathlib.Path) -> pathlib.Path:
   if len(dirs) != 1:
-    raise ValueError(f"{workdir} holds {len(dirs)} {what} checkpoints ({[d.name for d in dirs]}); "
-                     "the workdir files do not say which seed each belongs to, so preflight "
-                     "reads single-seed workdirs (rerun with one seed, or one cache per seed)")
+    raise ValueError(f"{workdir} holds {len(dirs)} {what} checkpoints "
+                     f"({[d.parent.name for d in dirs]}); the workdir files do not say which "
+                     "seed each belongs to, so preflight reads single-seed workdirs (rerun with "
+                     "one seed, or one cache per seed)")
   return dirs[0]
+
+
+def _fitting_adapter(dirs: list[pathlib.Path], like, name: str, workdir: pathlib.Path):
+  """The one checkpoint among `dirs` whose layout fits this study's adapters (a shared cache
+  may hold adapters of other ranks or targets: their layout differs and they are skipped)."""
+  found = []
+  for d in dirs:
+    try:
+      found.append((d, _restore(d, like)))
+    except ckpt_lib.CheckpointError:
+      continue
+  if not found:
+    return None
+  _one_dir([d for d, _ in found], f"{name!r} adapter", workdir)
+  return found[0][1]
 
 
 def read_study(workdir: str | pathlib.Path) -> Study:
@@ -127,8 +143,11 @@ def read_study(workdir: str | pathlib.Path) -> Study:
     by_name.setdefault(d.parent.name.rsplit("-", 1)[0], []).append(d)
   if not by_name:
     raise ValueError(f"{cache / 'adapters'} holds no adapter checkpoints")
-  adapters = {name: _restore(_one_dir(dirs, f"{name!r} adapter", workdir), like)
-              for name, dirs in sorted(by_name.items())}
+  adapters = {}
+  for name, dirs in sorted(by_name.items()):
+    adapter = _fitting_adapter(dirs, like, name, workdir)
+    if adapter is not None:
+      adapters[name] = adapter
   return Study(workdir, config, model_cfg, params, tokenizer, adapters)
 
 
@@ -222,8 +241,9 @@ def _retention_figure(path: pathlib.Path, report: Mapping[str, Any], title: str)
   plt.close(fig)
 
 
-def check_study(study: Study, seed: int) -> dict[str, Any]:
-  methods = study_methods(study.config, seed)
+def check_study(study: Study, seed: int,
+                methods: Sequence[pf.MethodSpec] | None = None) -> dict[str, Any]:
+  methods = study_methods(study.config, seed) if methods is None else methods
   libs = libraries_of(study.config, list(study.adapters))
   out = {}
   for lib, members in libs.items():
@@ -297,7 +317,7 @@ def _above_chance(acc: float, chance: float, n: int, z: float = 2.0) -> bool:
 
 
 def measure_setting(study: Study, seed: int, reports: Mapping[str, Any],
-                    records: list[dict]) -> list[dict[str, Any]]:
+                    records: list[dict], specs: Sequence[pf.MethodSpec]) -> list[dict[str, Any]]:
   """One row per (library, method, hop adapter): predicted vs measured retention, plus the
   library-level composition predictions and measurements."""
   cfg, tok = study.model_cfg, study.tokenizer
@@ -308,7 +328,7 @@ def measure_setting(study: Study, seed: int, reports: Mapping[str, Any],
   base_acc = {n: _exact(study.params, cfg, tok, rows_by[n]) for n in rows_by}
   target = _pooled(records, library="single", method="target", split="test_two_hop_direct")
   composable = target is not None and _above_chance(*target)
-  methods = {m.name: m for m in study_methods(study.config, seed)}
+  methods = {m.name: m for m in specs}
   out = []
   for lib, rep in reports.items():
     lib_ads = [study.adapters[n] for n in rep["adapters"]]
@@ -465,7 +485,8 @@ def validation_markdown(summary: Mapping[str, Any], rows, grid, seconds: float) 
 
 def validate(config, workdir: pathlib.Path) -> None:
   start = time.time()
-  base = importlib.import_module("configs.preflight").validation_study_config(config)
+  cfg_module = importlib.import_module("configs.preflight")
+  base = cfg_module.validation_study_config(config)
   all_rows = []
   preflight_reports = {}
   for spec in config.grid:
@@ -476,13 +497,19 @@ def validate(config, workdir: pathlib.Path) -> None:
       rows = json.loads(done.read_text())
     else:
       common.log(f"validate: study {name}")
+      seed = int(study_cfg.seeds[0])
+      # one cache per seed: a seed's base model (and adapters shared between settings) are
+      # trained once; read_study tells the settings' adapters apart by their layout
+      study_cfg.cache_dir = str((workdir / f"cache_seed{seed}").absolute())
       importlib.import_module(f"experiments.studies.{study_cfg.study}").main(study_cfg, sub)
       study = read_study(sub)
-      seed = int(study_cfg.seeds[0])
-      reports = check_study(study, seed)
+      every = json.loads(json.dumps(study.config))
+      every["recycle"]["methods"] = list(cfg_module.MERGES) + ["arrow"]
+      specs = study_methods(every, seed)
+      reports = check_study(study, seed, specs)
       write_preflight(sub, str(sub), reports)
       records = common.read_jsonl(sub / "results.jsonl")
-      rows = measure_setting(study, seed, reports, records)
+      rows = measure_setting(study, seed, reports, records, specs)
       common.write_json(done, rows)
     preflight_reports[name] = json.loads((sub / "preflight.json").read_text())
     all_rows += rows
