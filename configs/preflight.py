@@ -20,8 +20,8 @@ from configs import smoke
 MERGES = ("uniform_factors", "uniform_delta", "sum", "ties", "dare_ties", "cat", "svd", "knots")
 
 # task:rank:targets:distractors:seed — one small recycling study each.
-GRID = ("two_hop:4:all:0:0", "two_hop:2:all:0:0", "two_hop:8:all:0:0", "two_hop:4:attn:0:0",
-        "two_hop:4:mlp:0:0", "two_hop:4:all:2:0", "two_hop:4:all:0:1")
+GRID = ("two_hop:4:all:0:0", "two_hop:4:mlp:0:0", "two_hop:2:attn:0:0", "two_hop:8:all:2:0",
+        "two_hop:4:attn:0:1", "two_hop:2:all:0:0", "two_hop:8:mlp:0:0", "two_hop:4:all:2:0")
 
 
 def validation_study_config(config) -> config_dict.ConfigDict:

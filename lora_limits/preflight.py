@@ -684,8 +684,8 @@ def _cause(p: PathRetention) -> str:
 
 def check_library(params: Mapping[str, Any], adapters: Mapping[str, Mapping[str, lora_lib.LoraFactors]],
                   methods: Sequence[MethodSpec], *, erase_below: float = 0.5,
-                  head_dim: int | None = None, merges: Mapping[str, merge_lib.MergeResult] | None = None
-                  ) -> dict[str, Any]:
+                  head_dim: int | None = None, merges: Mapping[str, merge_lib.MergeResult] | None = None,
+                  activation: str = "silu") -> dict[str, Any]:
   """The whole pre-flight of one library: retention per adapter per method (with capacity
   for merges, routing statistics for Arrow), the bridge path between every ordered pair of
   adapters, the prior-art similarities, and verdicts in words. JSON-ready.
@@ -699,6 +699,11 @@ def check_library(params: Mapping[str, Any], adapters: Mapping[str, Mapping[str,
   names = list(adapters)
   lib = [adapters[n] for n in names]
   out: dict[str, Any] = {"adapters": names, "methods": {}, "verdicts": []}
+  paths = merge_lib.check_adapters(lib)
+  try:
+    probes = embedding_probes(params, paths, activation=activation, head_dim=head_dim)
+  except ValueError:
+    probes = None  # no embedding or non-transformer paths: key retention only
   verdicts = out["verdicts"]
   for spec in methods:
     entry: dict[str, Any] = {"method": spec.method, "options": jsonable(
@@ -708,6 +713,9 @@ def check_library(params: Mapping[str, Any], adapters: Mapping[str, Mapping[str,
       top_k = min(int(opts.pop("top_k", 1)), len(lib))
       rec = arrow_retention(lib, top_k=top_k, names=names, **opts)
       rets = rec.retention
+      probe = (None if probes is None else probe_retention(
+          lib, None, probes, arrow_top_k=top_k,
+          arrow_temperature=float(opts.get("temperature", 1.0)), names=names))
       entry["router"] = {"routing_entropy": rec.routing_entropy,
                          "max_entropy": rec.max_entropy, "self_weight": rec.self_weight,
                          "prototype_overlap_max": float(max(
@@ -719,11 +727,14 @@ def check_library(params: Mapping[str, Any], adapters: Mapping[str, Mapping[str,
           lib, spec.method, spec.weights, flavor=spec.flavor, **spec.options)
       w = np.asarray(merge_lib.resolve_weights(spec.weights, len(lib), info.default_weights))
       rets = retention(lib, merged, reference_weights=w, names=names)
+      probe = None if probes is None else probe_retention(lib, merged, probes, names=names)
       caps = capacity(lib, merged, names=names)
       entry["capacity"] = {"min_ratio": min(c.ratio for c in caps),
                            "keys_needed": sum(c.keys_needed for c in caps),
                            "rank_limit": sum(c.merged_rank_limit for c in caps)}
     entry["retention"] = {r.adapter: r.retention for r in rets}
+    if probe is not None:
+      entry["probe_retention"] = {r.adapter: r.retention for r in probe}
     entry["detail"] = {r.adapter: {
         "worst_path": r.worst_path, "worst_retention": r.worst_retention,
         "gain": float(np.mean([p.gain for p in r.paths if p.n_keys])),
@@ -768,4 +779,101 @@ def check_library(params: Mapping[str, Any], adapters: Mapping[str, Mapping[str,
                          "saturated_paths": sum(c.adapter_saturated[n] for c in caps),
                          "paths": len(caps)} for n in names}
   out["baselines"] = baselines(lib, names=names)
+  return out
+
+
+# ------------------------------------------------- retention on the base model's own inputs
+
+_ACTIVATIONS = {"silu": lambda x: x / (1.0 + np.exp(-x)), "relu": lambda x: np.maximum(x, 0.0),
+                "gelu": lambda x: 0.5 * x * (1.0 + np.tanh(0.7978845608 * (x + 0.044715 * x ** 3))),
+                "gelu_tanh": lambda x: 0.5 * x * (1.0 + np.tanh(0.7978845608 * (x + 0.044715 * x ** 3)))}
+
+
+def embedding_probes(params: Mapping[str, Any], paths: Sequence[str], *, activation: str = "silu",
+                     head_dim: int | None = None, max_rows: int = 512) -> dict[str, np.ndarray]:
+  """Data-free stand-ins for each adapted kernel's inputs, from the base weights alone: the
+  token embeddings (the residual stream at layer 0, and its largest part in small models),
+  RMS-normalised and scaled by the block's pre-norm γ; through v_proj for o_proj and through
+  the gated MLP for down_proj. {path: X [n, d_in]} (the first `max_rows` tokens)."""
+  if activation not in _ACTIVATIONS:
+    raise ValueError(f"activation={activation!r} is not one of {sorted(_ACTIVATIONS)}")
+  flat = tree_lib.flatten(params)
+  emb = next((flat[p] for p in ("embed/embedding", "embed/tokens") if p in flat), None)
+  if emb is None:
+    raise ValueError("params have no embed/embedding to draw probes from")
+  e = _f64(emb)[:max_rows]
+  normed = e / np.sqrt(np.mean(e * e, axis=1, keepdims=True) + 1e-6)
+  out = {}
+  for p in paths:
+    s = site(p)
+    if s is None:
+      raise ValueError(f"embedding_probes: {p!r} is not a layers/<l>/(attn|mlp)/<proj> kernel")
+    x = normed * _norm_scale(flat, s, normed.shape[1])[None, :]
+    if s.proj == "o":
+      v = _kernel(flat, s, "v")
+      width = _f64(flat[p]).shape[0]
+      x = x @ _expand_kv(v, width, head_dim)
+    elif s.proj == "down":
+      up, gate = _kernel(flat, s, "up"), _kernel(flat, s, "gate")
+      x = (_ACTIVATIONS[activation](x @ gate) * (x @ up) if gate is not None
+           else _ACTIVATIONS[activation](x @ up))
+    out[p] = x
+  return out
+
+
+def _probe_record(path: str, own_NxO: np.ndarray, merged_NxO: np.ndarray) -> PathRetention:
+  w = np.linalg.norm(own_NxO, axis=1)
+  live = w > 1e-12 * max(float(w.max()), 1e-300)
+  own, merged, w = own_NxO[live], merged_NxO[live], w[live]
+  dots = np.sum(own * merged, axis=1)
+  gains = dots / w ** 2
+  mn = np.linalg.norm(merged, axis=1)
+  cos = np.where(mn > 0, dots / (np.maximum(mn, 1e-300) * w), 0.0)
+  scores = np.clip(gains, 0.0, 1.0) * np.maximum(cos, 0.0)
+  err = float(np.linalg.norm(merged - own)) / max(float(np.linalg.norm(own)), 1e-300)
+  return PathRetention(path=path, n_keys=int(w.size),
+                       retention=float(np.sum(w * scores) / max(np.sum(w), 1e-300)),
+                       gain=float(np.sum(dots) / max(np.sum(w ** 2), 1e-300)), crosstalk=err,
+                       method_residual=err, energy=float(np.sum(w ** 2)), key_retention_M=scores)
+
+
+def probe_retention(adapters: Sequence[Mapping[str, lora_lib.LoraFactors]],
+                    merged: merge_lib.MergeResult | None, probes: Mapping[str, np.ndarray], *,
+                    arrow_top_k: int | None = None, arrow_temperature: float = 1.0,
+                    names: Sequence[str] | None = None) -> list[AdapterRetention]:
+  """Retention scored on probe inputs (e.g. `embedding_probes`) instead of the adapters' own
+  keys: each probe row is weighted by how strongly adapter k responds to it, ‖x ΔW_k‖, and
+  scored by clip(gain, 0, 1)·max(cos, 0) of the recycled response x ΔW_merged against x ΔW_k.
+  Unlike `retention`, the other adapters' updates act on the whole probe, not only on k's
+  keys, so overlapping inputs count as interference. merged=None with arrow_top_k routes each
+  probe by Arrow instead (crosstalk/method_residual both hold the relative error here)."""
+  paths = merge_lib.check_adapters(adapters)
+  k = len(adapters)
+  names = _names(names, k)
+  missing = sorted(set(paths) - set(probes))
+  if missing:
+    raise ValueError(f"probes lack the adapted paths {missing[:4]}")
+  if merged is None and arrow_top_k is None:
+    raise ValueError("probe_retention needs a merge or arrow_top_k")
+  protos = ({p: _f64(v) for p, v in route_lib.arrow_prototypes(adapters).items()}
+            if merged is None else None)
+  updates = None if merged is None else (merged.adapter if merged.kind == "factors"
+                                         else merged.dense)
+  out = []
+  for i in range(k):
+    records = []
+    for p in paths:
+      x = _f64(probes[p])
+      acts = [x @ _f64(lora_lib.delta({p: ad[p]})[p]) for ad in adapters]
+      if updates is not None:
+        u = updates[p]
+        merged_x = (u.scale * (x @ _f64(u.a)) @ _f64(u.b) if lora_lib.is_factors(u)
+                    else x @ _f64(u))
+      else:
+        logits = np.abs(x @ protos[p].T) / arrow_temperature
+        w = np.asarray(route_lib.top_k_softmax(logits.astype(np.float32), arrow_top_k),
+                       np.float64)
+        merged_x = np.einsum("nk,kno->no", w, np.stack(acts))
+      records.append(_probe_record(p, acts[i], merged_x))
+    out.append(_aggregate(names[i], "arrow" if merged is None else merged.method, records))
   return out

@@ -224,3 +224,21 @@ def test_bad_inputs_raise():
     pf.bridge_path({}, a, a, margin=0.5)
   with pytest.raises(ValueError, match="k="):
     pf.top_keys(a[PATHS[0]], 3)
+
+
+def test_probe_retention_counts_input_overlap():
+  from lora_limits.models import transformer
+  cfg = transformer.ModelConfig(vocab_size=24, d_model=8, n_layers=1, n_heads=2, d_ff=8)
+  params = transformer.init(jax.random.key(0), cfg)
+  probes = pf.embedding_probes(params, list(PATHS))
+  assert probes[PATHS[0]].shape == (24, D_IN) and probes[PATHS[1]].shape == (24, 8)
+  ads = _orthogonal(2, 4)
+  (one,) = pf.probe_retention([ads[0]], merge_lib.merge([ads[0]], "sum"), probes)
+  assert one.retention == pytest.approx(1.0, abs=1e-5)
+  # orthogonal keys, but every probe touches both adapters' keys: the sum interferes
+  both = pf.probe_retention(ads, merge_lib.merge(ads, "sum"), probes)
+  assert all(r.retention < 0.99 for r in both)
+  routed = pf.probe_retention(ads, None, probes, arrow_top_k=1)
+  assert all(0.0 <= r.retention <= 1.0 for r in routed)
+  with pytest.raises(ValueError, match="probes lack"):
+    pf.probe_retention(ads, merge_lib.merge(ads, "sum"), {})

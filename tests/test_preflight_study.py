@@ -67,7 +67,8 @@ def test_hf_checkpoint_and_peft_adapters(tmp_path):
 
 def _row(i, predicted, measured, sims):
   return {"setting": f"s{i % 3}", "library": "two", "method": f"m{i}", "adapter": "hop1",
-          "predicted": predicted, "measured": measured, "measured_test": None,
+          "predicted": predicted, "predicted_probe": predicted, "measured": measured,
+          "measured_exact": measured, "measured_test": None,
           **{f"baseline_{k}": s for k, s in zip(study.BASELINES, sims)},
           "bridge_exists": False, "direct_above_chance": False, "base_can_compose": False,
           "predicted_cot": predicted, "cot_accuracy": measured / 2}

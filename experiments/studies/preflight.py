@@ -248,7 +248,8 @@ def check_study(study: Study, seed: int,
   out = {}
   for lib, members in libs.items():
     out[lib] = pf.check_library(study.params, {n: study.adapters[n] for n in members}, methods,
-                                head_dim=study.model_cfg.resolved_head_dim)
+                                head_dim=study.model_cfg.resolved_head_dim,
+                                activation=study.model_cfg.activation)
   return out
 
 
@@ -295,10 +296,11 @@ def _facts(config: Mapping[str, Any], seed: int, name: str) -> list[task_common.
   return [e for g in world.groups for e in world.splits[g][name]]
 
 
-def _exact(params, cfg, tokenizer, rows, lora=None) -> float:
+def _exact(params, cfg, tokenizer, rows, lora=None) -> tuple[float, float]:
+  """(exact match, mean answer NLL), teacher-forced."""
   out = eval_lib.teacher_forced(params, cfg, rows, lora=lora, batch_size=64,
                                 pad_id=tokenizer.pad_token_id)
-  return float(np.mean(out["exact"]))
+  return float(np.mean(out["exact"])), float(np.mean(out["loss"]))
 
 
 def _pooled(records, **where) -> tuple[float, float, int] | None:
@@ -323,8 +325,8 @@ def measure_setting(study: Study, seed: int, reports: Mapping[str, Any],
   cfg, tok = study.model_cfg, study.tokenizer
   rows_by = {n: tok_lib.encode_examples(tok, _facts(study.config, seed, n))
              for n in ("hop1", "hop2")}
-  single = {n: _exact(study.params, cfg, tok, rows_by[n], lora_lib.LoraMix.single(study.adapters[n]))
-            for n in rows_by}
+  single = {n: _exact(study.params, cfg, tok, rows_by[n],
+                      lora_lib.LoraMix.single(study.adapters[n])) for n in rows_by}
   base_acc = {n: _exact(study.params, cfg, tok, rows_by[n]) for n in rows_by}
   target = _pooled(records, library="single", method="target", split="test_two_hop_direct")
   composable = target is not None and _above_chance(*target)
@@ -346,14 +348,20 @@ def measure_setting(study: Study, seed: int, reports: Mapping[str, Any],
       bridge = {(b["writer"], b["reader"]): b for b in rep["bridge"]}
       b12 = bridge[("hop1", "hop2")]
       for hop in ("hop1", "hop2"):
-        acc = _exact(params, cfg, tok, rows_by[hop], mix)
+        acc, nll = _exact(params, cfg, tok, rows_by[hop], mix)
+        gain = base_acc[hop][1] - single[hop][1]
         test = _pooled(records, library=lib, method=name, split=f"test_{hop}")
         test_single = _pooled(records, library="single", method=hop, split=f"test_{hop}")
         base_line = rep["baselines"][hop]
         out.append({
             "setting": study.workdir.name, "library": lib, "method": name, "adapter": hop,
-            "predicted": entry["retention"][hop], "measured": acc / max(single[hop], 1e-9),
-            "merged_exact": acc, "single_exact": single[hop], "base_exact": base_acc[hop],
+            "predicted": entry["retention"][hop],
+            "predicted_probe": entry.get("probe_retention", {}).get(hop),
+            # graded: the fraction of the adapter's answer-NLL improvement over the base kept
+            "measured": (base_acc[hop][1] - nll) / gain if gain > 0 else None,
+            "measured_exact": acc / max(single[hop][0], 1e-9),
+            "merged_exact": acc, "single_exact": single[hop][0], "base_exact": base_acc[hop][0],
+            "merged_nll": nll, "single_nll": single[hop][1], "base_nll": base_acc[hop][1],
             "measured_test": (test[0] / test_single[0] if test and test_single and test_single[0]
                               else None),
             **{f"baseline_{k}": base_line[k] for k in BASELINES},
@@ -392,18 +400,30 @@ def summarise(rows: Sequence[Mapping[str, Any]], seed: int, n_boot: int) -> dict
   """ρ with bootstrap intervals: the pre-flight prediction and each baseline (negated:
   higher similarity predicts lower retention) against measured retention; the composition
   agreement where the base model can compose; CoT prediction vs measured CoT accuracy."""
+  rows = [r for r in rows if r["measured"] is not None]
   measured = [r["measured"] for r in rows]
   out: dict[str, Any] = {"n_points": len(rows),
                          "n_settings": len({(r["setting"], r["library"], r["method"])
                                             for r in rows})}
-  rho = {"preflight": pf.bootstrap_spearman([r["predicted"] for r in rows], measured,
-                                            seed=seed, n_boot=n_boot)}
-  for k in BASELINES:
-    rho[k] = pf.bootstrap_spearman([-r[f"baseline_{k}"] for r in rows], measured, seed=seed,
-                                   n_boot=n_boot)
+
+  def rhos(target: str) -> dict[str, tuple[float, float, float]]:
+    y = [r[target] for r in rows]
+    res = {"preflight": pf.bootstrap_spearman([r["predicted"] for r in rows], y, seed=seed,
+                                              n_boot=n_boot)}
+    if all(r.get("predicted_probe") is not None for r in rows):
+      res["preflight_probe"] = pf.bootstrap_spearman([r["predicted_probe"] for r in rows], y,
+                                                     seed=seed, n_boot=n_boot)
+    for k in BASELINES:
+      res[k] = pf.bootstrap_spearman([-r[f"baseline_{k}"] for r in rows], y, seed=seed,
+                                     n_boot=n_boot)
+    return res
+
+  rho = rhos("measured")
   out["retention_spearman"] = {k: {"rho": v[0], "low": v[1], "high": v[2]}
                                for k, v in rho.items()}
-  best = max((v[0] for k, v in rho.items() if k != "preflight" and math.isfinite(v[0])),
+  out["retention_spearman_exact"] = {k: {"rho": v[0], "low": v[1], "high": v[2]}
+                                     for k, v in rhos("measured_exact").items()}
+  best = max((v[0] for k, v in rho.items() if k in BASELINES and math.isfinite(v[0])),
              default=float("nan"))
   out["best_baseline_rho"] = best
   out["goal_rho_0_8"] = bool(rho["preflight"][0] >= 0.8)
@@ -441,12 +461,18 @@ def validation_markdown(summary: Mapping[str, Any], rows, grid, seconds: float) 
            f"{s['n_settings']} settings (study × library × method) from {len(grid)} recycling "
            f"studies ({', '.join(grid)}: task:rank:targets:distractors:seed), "
            f"{s['n_points']} (setting, adapter) points; {seconds / 60:.1f} min.", "",
-           "Measured retention = teacher-forced exact match of the recycled model on the "
-           "adapter's own training facts ÷ the adapter alone on them. Baselines are "
-           "method-agnostic similarities (max over the other adapters of the library), "
-           "negated.", "", "## Retention: Spearman ρ (95% bootstrap interval)", ""]
-  lines += _table(["predictor", "ρ", "low", "high"],
-                  [[k, v["rho"], v["low"], v["high"]]
+           "Measured retention, on each adapter's own training facts (teacher-forced): "
+           "**graded** = the fraction of the adapter's answer-NLL improvement over the base "
+           "model that the recycled model keeps, (NLL_base − NLL_recycled)/(NLL_base − "
+           "NLL_adapter); **exact** = exact match of the recycled model ÷ the adapter's. "
+           "Predictors: `preflight` = key retention (the adapters' own keys; the issue's "
+           "definition), `preflight_probe` = the same score on data-free probe inputs from the "
+           "base embeddings (counts input overlap). Baselines are method-agnostic similarities "
+           "(max over the other adapters of the library), negated.", "",
+           "## Retention: Spearman ρ (95% bootstrap interval)", ""]
+  ex = s["retention_spearman_exact"]
+  lines += _table(["predictor", "ρ graded", "low", "high", "ρ exact", "low", "high"],
+                  [[k, v["rho"], v["low"], v["high"], ex[k]["rho"], ex[k]["low"], ex[k]["high"]]
                    for k, v in s["retention_spearman"].items()])
   lines += ["", f"- Goal ρ ≥ 0.8: **{'met' if s['goal_rho_0_8'] else 'missed'}** "
             f"(ρ = {_fmt(s['retention_spearman']['preflight']['rho'])}).",
@@ -472,19 +498,26 @@ def validation_markdown(summary: Mapping[str, Any], rows, grid, seconds: float) 
     lines.append(f"- CoT: predicted retention(hop1)·retention(hop2) vs measured CoT accuracy: "
                  f"ρ = {_fmt(t['rho'])} [{_fmt(t['low'])}, {_fmt(t['high'])}] (n={t['n']}).")
   lines += ["", "## Figures", "", "![preflight](figures/retention_preflight.png)",
+            "![preflight probe](figures/retention_preflight_probe.png)",
             "![baselines](figures/retention_baselines.png)", "", "## Per method (mean over "
             "points)", ""]
   by = {}
   for r in rows:
     by.setdefault(r["method"], []).append(r)
-  lines += _table(["method", "points", "predicted", "measured"],
+  lines += _table(["method", "points", "predicted", "predicted (probe)", "measured graded",
+                   "measured exact"],
                   [[m, len(v), float(np.mean([r["predicted"] for r in v])),
-                    float(np.mean([r["measured"] for r in v]))] for m, v in sorted(by.items())])
+                    float(np.mean([r["predicted_probe"] or 0.0 for r in v])),
+                    float(np.mean([r["measured"] for r in v])),
+                    float(np.mean([r["measured_exact"] for r in v]))]
+                   for m, v in sorted(by.items())])
   return "\n".join(lines) + "\n"
 
 
 def validate(config, workdir: pathlib.Path) -> None:
   start = time.time()
+  # the merges compile once per (method, shapes); keep the compilations across reruns
+  jax.config.update("jax_compilation_cache_dir", str((workdir / "jax_cache").absolute()))
   cfg_module = importlib.import_module("configs.preflight")
   base = cfg_module.validation_study_config(config)
   all_rows = []
@@ -517,11 +550,18 @@ def validate(config, workdir: pathlib.Path) -> None:
   common.write_jsonl(workdir / "settings.jsonl", all_rows)
   summary = summarise(all_rows, seed=int(config.bootstrap_seed), n_boot=int(config.n_boot))
   common.write_json(workdir / "validation.json", summary)
+  all_rows = [r for r in all_rows if r["measured"] is not None]
   measured = [r["measured"] for r in all_rows]
   _scatter(workdir / "figures" / "retention_preflight.png", [r["predicted"] for r in all_rows],
-           measured, "predicted retention (pre-flight)", "measured retention",
+           measured, "predicted retention (pre-flight, keys)", "measured retention (graded)",
            f"ρ = {_fmt(summary['retention_spearman']['preflight']['rho'])}",
            [r["method"] for r in all_rows])
+  if "preflight_probe" in summary["retention_spearman"]:
+    _scatter(workdir / "figures" / "retention_preflight_probe.png",
+             [r["predicted_probe"] for r in all_rows], measured,
+             "predicted retention (pre-flight, probes)", "measured retention (graded)",
+             f"ρ = {_fmt(summary['retention_spearman']['preflight_probe']['rho'])}",
+             [r["method"] for r in all_rows])
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
