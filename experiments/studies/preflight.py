@@ -105,7 +105,9 @@ def _fitting_adapter(dirs: list[pathlib.Path], like, name: str, workdir: pathlib
   for d in dirs:
     try:
       found.append((d, _restore(d, like)))
-    except ckpt_lib.CheckpointError:
+    except ckpt_lib.CheckpointError:  # another layout
+      continue
+    except ValueError:  # no finished checkpoint (a training run that was stopped)
       continue
   if not found:
     return None
