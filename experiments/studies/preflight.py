@@ -154,24 +154,20 @@ def read_study(workdir: str | pathlib.Path) -> Study:
 
 
 def study_methods(config: Mapping[str, Any], seed: int) -> list[pf.MethodSpec]:
-  """The study's data-free methods with its options (as the recycling study sets them)."""
+  """The study's data-free methods with its options (`recycle.options.<method>`, as the
+  recycling study sets them)."""
   r = config["recycle"]
+  options = r.get("options", {})
   out = []
   for m in r["methods"]:
-    if m == "ties":
-      out.append(pf.MethodSpec(m, m, {"density": r["ties_density"]}))
-    elif m == "dare_ties":
-      out.append(pf.MethodSpec(m, m, {"density": r["dare_density"],
-                                      "key": jax.random.key(seed)}))
-    elif m == "svd":
-      out.append(pf.MethodSpec(m, m, {"rank": r["svd_rank"]}))
-    elif m == "knots":
-      out.append(pf.MethodSpec(m, m, {"inner": r["knots_inner"], "density": r["ties_density"]}))
-    elif m == "arrow":
-      out.append(pf.MethodSpec(m, m, {"top_k": r["arrow_top_k"],
-                                      "temperature": r["arrow_temperature"]}))
+    o = dict(options.get(m, {}))
+    if m == "arrow":
+      out.append(pf.MethodSpec(m, m, {"top_k": o.get("top_k", 1),
+                                      "temperature": o.get("temperature", 1.0)}))
     elif m in merge_lib.METHODS:
-      out.append(pf.MethodSpec(m, m))
+      if merge_lib.METHODS[m].random:
+        o["key"] = jax.random.key(seed)
+      out.append(pf.MethodSpec(m, m, o))
   return out
 
 
@@ -286,7 +282,7 @@ def _setting_config(base: config_dict.ConfigDict, spec: str) -> tuple[str, confi
   c.adapters.alpha = 2.0 * int(rank)
   c.adapters.targets = TARGETS[targets]
   c.recycle.distractors = int(distractors)
-  c.recycle.svd_rank = int(rank)
+  c.recycle.options.svd.rank = int(rank)
   return spec.replace(":", "_"), c
 
 
@@ -295,7 +291,7 @@ def _facts(config: Mapping[str, Any], seed: int, name: str) -> list[task_common.
   study's world settings."""
   world = two_hop.build(task_common.settings_from_mapping(
       two_hop.TwoHopSettings, dict(config["world"], seed=seed)))
-  return [e for g in world.groups for e in world.splits[g][name]]
+  return [e for g in world.groups for e in world.splits[g].get(name, ())]
 
 
 def _exact(params, cfg, tokenizer, rows, lora=None) -> tuple[float, float]:
