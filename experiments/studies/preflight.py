@@ -33,7 +33,7 @@ from ml_collections import config_dict
 
 from experiments import common
 from lora_limits import checkpoint as ckpt_lib
-from lora_limits import evaluate as eval_lib
+from lora_limits import exact_match as eval_lib
 from lora_limits import lora as lora_lib
 from lora_limits import preflight as pf
 from lora_limits import tokenizer as tok_lib
