@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
+from experiments import distributed
 from experiments import schema
 from lora_limits import data as data_lib
 from lora_limits import evaluate as eval_lib
@@ -295,8 +296,9 @@ def _progress(directory: pathlib.Path, label: str, total: int):
   live = directory / "metrics.live.jsonl"
 
   def on_metrics(step: int, metrics: Mapping[str, float]) -> None:
-    with open(live, "a", encoding="utf-8") as f:
-      f.write(json.dumps(dict(metrics, step=step), sort_keys=True) + "\n")
+    if common.is_writer():
+      with open(live, "a", encoding="utf-8") as f:
+        f.write(json.dumps(dict(metrics, step=step), sort_keys=True) + "\n")
     progress.update(step, f"loss {metrics['loss']:.3f} exact {metrics['exact_match']:.2f}")
 
   return on_metrics, progress
@@ -330,10 +332,12 @@ def pretrained_base(cfg: StudyConfig, world: task_common.World, tokenizer, cache
   directory.mkdir(parents=True, exist_ok=True)
   on_metrics, progress = _progress(directory, f"pretrain seed {seed}", p.steps)
   start = time.time()
-  params, history = train_lib.pretrain(
-      model_cfg, corpus_data, optim=optim, loop=loop, checkpoint_dir=str(directory / "ckpt"),
-      record={"model": model_cfg.to_dict()}, on_metrics=on_metrics)
-  _write_history(directory, history)
+  with distributed.exclusive(directory):  # shards of a sweep may share this base
+    params, history = train_lib.pretrain(
+        model_cfg, corpus_data, optim=optim, loop=loop, checkpoint_dir=str(directory / "ckpt"),
+        record={"model": model_cfg.to_dict()}, on_metrics=on_metrics,
+        mesh=distributed.training_mesh())
+    _write_history(directory, history)
   if info_path.exists():
     info = json.loads(info_path.read_text())
   else:
@@ -408,11 +412,12 @@ def trained_adapter(cfg: StudyConfig, base: Base, world: task_common.World, name
 
   directory.mkdir(parents=True, exist_ok=True)
   on_metrics, progress = _progress(directory, f"adapter {name} seed {seed}", a.max_steps)
-  adapter, history, stopped = train_lib.train_lora(
-      base.params, base.cfg, a.spec, rows, optim=optim, loop=loop,
-      checkpoint_dir=str(directory / "ckpt"), record={"adapter": name}, on_metrics=on_metrics,
-      stop_fn=reached)
-  _write_history(directory, history)
+  with distributed.exclusive(directory):
+    adapter, history, stopped = train_lib.train_lora(
+        base.params, base.cfg, a.spec, rows, optim=optim, loop=loop,
+        checkpoint_dir=str(directory / "ckpt"), record={"adapter": name},
+        on_metrics=on_metrics, stop_fn=reached, mesh=distributed.training_mesh())
+    _write_history(directory, history)
   if info_path.exists():
     info = json.loads(info_path.read_text())
   else:
@@ -632,6 +637,8 @@ def _unit_meta(unit: pathlib.Path) -> pathlib.Path:
 
 def write_unit(unit: pathlib.Path, records: Sequence[Mapping[str, Any]]) -> None:
   """One seed's records, then (only once they are on disk) their count and SHA-256."""
+  if not common.is_writer():
+    return
   common.write_jsonl(unit, records)
   digest = hashlib.sha256(unit.read_bytes()).hexdigest()
   common.write_json(_unit_meta(unit), {"records": len(records), "sha256": digest})
@@ -658,8 +665,15 @@ def read_unit(unit: pathlib.Path) -> list[dict[str, Any]] | None:
   return records
 
 
-def run(cfg: StudyConfig, workdir: pathlib.Path) -> pathlib.Path:
-  """The whole study; returns the path of `results.jsonl`."""
+def unit_path(workdir: pathlib.Path, task: str, seed: int) -> pathlib.Path:
+  return workdir / "units" / f"{task}-seed{seed}.jsonl"
+
+
+def run(cfg: StudyConfig, workdir: pathlib.Path,
+        seeds: Sequence[int] | None = None) -> pathlib.Path | None:
+  """The study's `seeds` (default: this job's shard of `cfg.seeds`, i.e. all of them unless
+  `experiments.run` got --num_shards); returns the path of `results.jsonl` once every seed
+  of the study has its unit, else None (other shards have yet to finish theirs)."""
   start = time.time()
   cache = pathlib.Path(cfg.cache_dir) if cfg.cache_dir else workdir / "cache"
   common.write_json(workdir / "config.json", schema.to_dict(cfg))
@@ -667,24 +681,44 @@ def run(cfg: StudyConfig, workdir: pathlib.Path) -> pathlib.Path:
   vocabulary = (two_hop.vocabulary(vocab_world) if cfg.task == "two_hop"
                 else math_word.vocabulary(vocab_world))
   tokenizer = tok_lib.build([" ".join(vocabulary)])
-  tokenizer.save_pretrained(str(workdir / "tokenizer"))
-  all_records = []
+  if common.is_writer():
+    tokenizer.save_pretrained(str(workdir / "tokenizer"))
   timings: dict[str, float] = {}
-  for seed in cfg.seeds:
-    unit = workdir / "units" / f"{cfg.task}-seed{seed}.jsonl"
-    done = read_unit(unit)
-    if done is not None:
+  todo = []
+  for seed in distributed.mine(cfg.seeds) if seeds is None else seeds:
+    unit = unit_path(workdir, cfg.task, seed)
+    if read_unit(unit) is not None:
       common.log(f"seed {seed}: results already in {unit}; skipping")
-      all_records += done
-      continue
+    else:
+      todo.append(seed)
+  distributed.agree(f"units of {workdir} checked")  # before any process writes one
+  for seed in todo:
     records = run_seed(cfg, seed, cache, tokenizer, timings)
-    write_unit(unit, records)
-    all_records += records
-  results = workdir / "results.jsonl"
-  common.write_jsonl(results, all_records)
+    write_unit(unit_path(workdir, cfg.task, seed), records)
+  results = assemble(workdir, cfg.task, cfg.seeds)
   timings["total"] = round(time.time() - start, 2)
   common.write_json(workdir / "timings.json", timings)
-  common.log(f"{len(all_records)} records in {results} "
-             f"({common.format_seconds(time.time() - start)})")
   return results
 
+
+def assemble(workdir: pathlib.Path, task: str, seeds: Sequence[int]) -> pathlib.Path | None:
+  """`results.jsonl` from the units of every seed, in `seeds` order; None (nothing written)
+  while a seed has no finished unit (another shard's), and on processes that do not write."""
+  if not common.is_writer():
+    return None
+  records, missing = [], []
+  for seed in seeds:
+    done = read_unit(unit_path(workdir, task, seed))
+    if done is None:
+      missing.append(seed)
+    else:
+      records += done
+  if missing:
+    common.log(f"seeds {missing} have no finished unit in {workdir / 'units'} yet (other "
+               "shards run them); results.jsonl is assembled when the last shard finishes, "
+               f"or by `python -m experiments.report {workdir}`")
+    return None
+  results = workdir / "results.jsonl"
+  common.write_jsonl(results, records)
+  common.log(f"{len(records)} records in {results}")
+  return results

@@ -1,5 +1,10 @@
 """`python -m experiments.report W`: report.md and figures from W/results.jsonl alone.
 
+When the study ran in shards (`experiments.run --num_shards`), results.jsonl is first
+assembled from the shards' per-seed units in W/units/ if it is missing or older than one;
+for a sweep workdir (W/sweep.json), each value's results, then sweep_results.jsonl and
+sweep.md.
+
 Aggregates the tidy records over seeds (mean and a 95% interval: the wider of Student t over
 seeds and Wilson over the pooled examples), draws
 figure (a) library-level vs expert-level accuracy on tier H by method and figure (b)
@@ -413,11 +418,49 @@ def write_report(workdir: pathlib.Path, results: pathlib.Path | None = None) -> 
   return out
 
 
+def assemble_units(workdir: pathlib.Path) -> None:
+  """`results.jsonl` from the per-seed units when it is missing or older than a unit (the
+  shards of a study each write their units; see `experiments/distributed.py`). A workdir
+  without units (or without the config.json that lists its seeds) is left as it is."""
+  import json
+
+  from experiments import pipeline
+  config, results = workdir / "config.json", workdir / "results.jsonl"
+  units = sorted((workdir / "units").glob("*.jsonl*"))
+  if not config.exists() or not units:
+    return
+  if results.exists() and results.stat().st_mtime >= max(u.stat().st_mtime for u in units):
+    return
+  cfg = json.loads(config.read_text())
+  task, seeds = cfg["task"], cfg["seeds"]
+  missing = [s for s in seeds if pipeline.read_unit(pipeline.unit_path(workdir, task, s)) is None]
+  if missing:
+    raise ValueError(f"{workdir}: seeds {missing} of {seeds} have no finished unit in "
+                     f"{workdir / 'units'}; run the shards that own them (or the study "
+                     "without --num_shards), then this report again")
+  pipeline.assemble(workdir, task, seeds)
+
+
 def main(argv: Sequence[str]) -> int:
   if len(argv) != 2:
     print("usage: python -m experiments.report <workdir>", file=sys.stderr)
     return 2
-  path = write_report(pathlib.Path(argv[1]))
+  workdir = pathlib.Path(argv[1])
+  try:
+    if (workdir / "sweep.json").exists():  # a sweep: every value's study, then the merge
+      import json
+
+      from experiments.studies import sweep
+      for run in json.loads((workdir / "sweep.json").read_text())["runs"]:
+        assemble_units(workdir / "runs" / run)
+      path = sweep.merge(workdir)
+      print(f"wrote {path} and {workdir / 'sweep.md'}")
+      return 0
+    assemble_units(workdir)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  path = write_report(workdir)
   print(f"wrote {path}")
   return 0
 

@@ -11,4 +11,5 @@ from experiments import report
 def main(config, workdir: pathlib.Path) -> None:
   cfg = pipeline.parse(config)
   results = pipeline.run(cfg, workdir)
-  report.write_report(workdir, results)
+  if results is not None:  # None: other shards' seeds unfinished, or not process 0
+    report.write_report(workdir, results)
