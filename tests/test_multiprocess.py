@@ -322,3 +322,48 @@ def test_report_refuses_a_study_with_unfinished_shards(tmp_path, capsys):
   assert report.main(["report", str(tmp_path)]) == 1
   assert "seeds [0] of [0, 1] have no finished unit" in capsys.readouterr().err
   assert not (tmp_path / "results.jsonl").exists()
+
+
+# ---------------------------------------------------------------------- the launch scripts
+
+
+def _fake(tmp_path: pathlib.Path, name: str) -> dict[str, str]:
+  """PATH with a fake `name` that prints its arguments one per line."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  fake = bin_dir / name
+  fake.write_text('#!/bin/bash\nprintf "%s\\n" "$@"\n')
+  fake.chmod(0o755)
+  return dict(environment(), PATH=f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_slurm_script_runs_the_study_with_its_arguments(tmp_path):
+  env = dict(_fake(tmp_path, "srun"), SLURM_SUBMIT_DIR=str(REPO), PYTHON="python3")
+  out = subprocess.run(["bash", "scripts/slurm.sbatch", "configs/sweep_rank.py", "runs/x",
+                        "--config.base.seeds=(0, 1)"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.splitlines() == ["python3", "-m", "experiments.run",
+                                     "--config=configs/sweep_rank.py", "--workdir=runs/x",
+                                     "--config.base.seeds=(0, 1)"]
+  usage = subprocess.run(["bash", "scripts/slurm.sbatch"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+  assert usage.returncode == 2 and "usage:" in usage.stderr
+
+
+@pytest.mark.parametrize("extra", [(), ("--config.seeds=(0, 1)",)])
+def test_tpu_pod_script_runs_one_process_per_host(tmp_path, extra):
+  out = subprocess.run(["bash", "scripts/tpu_pod.sh", "pod", "zone-a", "configs/two_hop.py",
+                        "/mnt/shared/w", *extra], cwd=REPO, env=_fake(tmp_path, "gcloud"),
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.splitlines()
+  assert lines[:6] == ["compute", "tpus", "tpu-vm", "ssh", "pod", "--zone=zone-a"]
+  assert lines[6] == "--worker=all"
+  command = lines[7].removeprefix("--command=")
+  # The remote shell's view of the command: the study, --distributed=on, the extra flags.
+  words = subprocess.run(["bash", "-c", f'set -- {command.split("python -m ")[1]}; '
+                          'printf "%s\\n" "$@"'], capture_output=True, text=True,
+                         timeout=60).stdout.splitlines()
+  assert words == ["experiments.run", "--config=configs/two_hop.py", "--workdir=/mnt/shared/w",
+                   "--distributed=on", *extra]
