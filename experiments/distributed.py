@@ -79,8 +79,11 @@ def cluster_job(env: Mapping[str, str]) -> str | None:
   only in its metadata server is not seen from the environment: pass --distributed=on.)"""
   if env.get("JAX_COORDINATOR_ADDRESS"):
     return "JAX_COORDINATOR_ADDRESS"
-  if "SLURM_JOB_ID" in env and "SLURM_PROCID" in env and _count(env, "SLURM_NTASKS") > 1:
-    return f"SLURM step of {_count(env, 'SLURM_NTASKS')} tasks"
+  # srun's step: SLURM_STEP_NUM_TASKS (the batch script itself is a step of one task, even
+  # under --ntasks=4, whose SLURM_NTASKS says 4).
+  tasks = _count(env, "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS")
+  if "SLURM_JOB_ID" in env and "SLURM_PROCID" in env and tasks > 1:
+    return f"SLURM step of {tasks} tasks"
   if "OMPI_MCA_orte_hnp_uri" in env and _count(env, "OMPI_COMM_WORLD_SIZE") > 1:
     return f"Open MPI job of {_count(env, 'OMPI_COMM_WORLD_SIZE')} processes"
   for name in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES"):

@@ -282,6 +282,9 @@ def test_bad_shards_are_refused(index, count, match):
     # An array task (or a batch script) of one task is one process: no job to join.
     (distributed.ProcessSettings(), {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
                                      "SLURM_NTASKS": "1", "SLURM_ARRAY_TASK_ID": "3"}, False),
+    # The batch script of an --ntasks=4 job, outside srun: one process.
+    (distributed.ProcessSettings(), {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
+                                     "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "1"}, False),
     (distributed.ProcessSettings(), {"TPU_WORKER_HOSTNAMES": "t-0,t-1,t-2,t-3"}, True),
     (distributed.ProcessSettings(), {"TPU_WORKER_HOSTNAMES": "localhost"}, False),
     (distributed.ProcessSettings(mode="off"), {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
@@ -367,3 +370,21 @@ def test_tpu_pod_script_runs_one_process_per_host(tmp_path, extra):
                          timeout=60).stdout.splitlines()
   assert words == ["experiments.run", "--config=configs/two_hop.py", "--workdir=/mnt/shared/w",
                    "--distributed=on", *extra]
+
+
+def test_loading_any_config_leaves_the_jax_backend_unstarted():
+  """`experiments.run` configures JAX (device count, jax.distributed.initialize) after the
+  flags, i.e. after the config file is loaded: no config may start the backend."""
+  code = """if True:
+    import importlib, pkgutil
+    from jax._src import xla_bridge
+    import configs, experiments.run
+    for m in pkgutil.iter_modules(configs.__path__):
+      if not m.name.startswith("_"):
+        importlib.import_module(f"configs.{m.name}").get_config()
+    print("started" if xla_bridge.backends_are_initialized() else "unstarted")
+  """
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=environment(),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip() == "unstarted"
