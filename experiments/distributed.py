@@ -29,6 +29,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
+SHARDED_STUDIES = ("recycling", "sweep")  # the studies whose units `mine` selects
 DISTRIBUTED_MODES = ("auto", "on", "off")
 INIT_TIMEOUT_S = 300
 

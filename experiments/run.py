@@ -67,6 +67,13 @@ def main(argv):
     shard = distributed.resolve_shard(_SHARD_INDEX.value, _NUM_SHARDS.value, os.environ)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  study = config.get("study")
+  studies = available_studies()
+  if study not in studies:
+    raise app.UsageError(f"config.study={study!r} is not one of {studies}")
+  if shard.count > 1 and study not in distributed.SHARDED_STUDIES:
+    raise app.UsageError(f"{shard}: study {study!r} has no independent units to split; shards "
+                         f"apply to {list(distributed.SHARDED_STUDIES)}")
   if _NUM_DEVICES.value:
     import jax
     jax.config.update("jax_num_cpu_devices", _NUM_DEVICES.value)
@@ -78,10 +85,6 @@ def main(argv):
   if shard.count > 1:
     common.log(f"{shard}: this job runs every {shard.count}-th unit of the study from unit "
                f"{shard.index}")
-  study = config.get("study")
-  studies = available_studies()
-  if study not in studies:
-    raise app.UsageError(f"config.study={study!r} is not one of {studies}")
   workdir = pathlib.Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
   start = time.time()
