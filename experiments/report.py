@@ -421,15 +421,17 @@ def write_report(workdir: pathlib.Path, results: pathlib.Path | None = None) -> 
 def assemble_units(workdir: pathlib.Path) -> None:
   """`results.jsonl` from the per-seed units when it is missing or older than a unit (the
   shards of a study each write their units; see `experiments/distributed.py`). A workdir
-  without units (or without the config.json that lists its seeds) is left as it is."""
+  without the config.json that lists its seeds, or with results.jsonl but no units, is left
+  as it is; a seed without a finished unit is a ValueError that names it."""
   import json
 
   from experiments import pipeline
   config, results = workdir / "config.json", workdir / "results.jsonl"
   units = sorted((workdir / "units").glob("*.jsonl*"))
-  if not config.exists() or not units:
+  if not config.exists():
     return
-  if results.exists() and results.stat().st_mtime >= max(u.stat().st_mtime for u in units):
+  if results.exists() and (not units or results.stat().st_mtime
+                           >= max(u.stat().st_mtime for u in units)):
     return
   cfg = json.loads(config.read_text())
   task, seeds = cfg["task"], cfg["seeds"]
