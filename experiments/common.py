@@ -1,4 +1,9 @@
-"""Shell utilities shared by the studies: atomic files, JSON lines, progress, timing."""
+"""Shell utilities shared by the studies: atomic files, JSON lines, progress, timing.
+
+In a job of several JAX processes only process 0 writes: `experiments.run` calls
+`set_writer(False)` on the others, and the file writers, `log` and `Progress` then do nothing
+there (every process computes the same values; one copy of each file and line is enough).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,22 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 
+_writer = True
+
+
+def set_writer(on: bool) -> None:
+  """Whether this process writes files and progress (False on processes 1.. of a job)."""
+  global _writer
+  _writer = bool(on)
+
+
+def is_writer() -> bool:
+  return _writer
+
+
 def log(message: str) -> None:
+  if not _writer:
+    return
   print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
@@ -31,6 +51,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
   Temporary files a killed writer left for `path` (`.<name>.*.tmp`) are removed first; they
   are never read. (One writer per path: a concurrent writer's temporary file would go too.)
   """
+  if not _writer:
+    return
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
@@ -112,6 +134,8 @@ class Progress:
     self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
 
   def update(self, done: int, extra: str = "", force: bool = False) -> None:
+    if not _writer:
+      return
     now = time.time()
     if not force and now - self._last < self.every and done < self.total:
       return

@@ -3,6 +3,11 @@
 The config's `study` field names a module in `experiments/studies/`; its `main(config,
 workdir)` turns the ConfigDict into typed, frozen dataclasses before calling the library.
 Overrides: `--config.a.b=x`; variants: `--config=configs/x.py:variant`.
+
+Several processes of one job (multi-controller JAX): `--coordinator_address=host:port
+--num_processes=N --process_id=i`, or nothing under a cluster `jax.distributed.initialize()`
+detects (SLURM step of several tasks, TPU pod: see `experiments/distributed.py`). Shards:
+`--shard_index=i --num_shards=n` (or a SLURM array job) run only every n-th unit of the study.
 """
 
 from __future__ import annotations
@@ -21,12 +26,24 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import common  # noqa: E402
+from experiments import distributed  # noqa: E402
 from experiments import studies as studies_pkg  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs, checkpoints and caches.")
 _NUM_DEVICES = flags.DEFINE_integer(
     "num_cpu_devices", 0, "Fake this many CPU devices (tests of sharding); 0 keeps the default.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", list(distributed.DISTRIBUTED_MODES),
+    "Join a multi-process JAX job: auto (if the flags below or the environment name one), "
+    "on (always call jax.distributed.initialize), off.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the job (0: detect).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's id (-1: detect).")
+_SHARD_INDEX = flags.DEFINE_integer("shard_index", 0, "Which shard of the study's units to run.")
+_NUM_SHARDS = flags.DEFINE_integer(
+    "num_shards", 0, "Split the study's units (seeds, sweep points) into this many shards "
+    "(0: from SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT when set, else 1).")
 
 
 def available_studies() -> list[str]:
@@ -44,13 +61,30 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   # Orbax logs every save at INFO through absl; keep the terminal for our progress lines.
   logging.set_verbosity(logging.WARNING)
-  if _NUM_DEVICES.value:
-    import jax
-    jax.config.update("jax_num_cpu_devices", _NUM_DEVICES.value)
+  try:
+    processes = distributed.ProcessSettings(_DISTRIBUTED.value, _COORDINATOR.value,
+                                            _NUM_PROCESSES.value, _PROCESS_ID.value)
+    shard = distributed.resolve_shard(_SHARD_INDEX.value, _NUM_SHARDS.value, os.environ)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   study = config.get("study")
   studies = available_studies()
   if study not in studies:
     raise app.UsageError(f"config.study={study!r} is not one of {studies}")
+  if shard.count > 1 and study not in distributed.SHARDED_STUDIES:
+    raise app.UsageError(f"{shard}: study {study!r} has no independent units to split; shards "
+                         f"apply to {list(distributed.SHARDED_STUDIES)}")
+  if _NUM_DEVICES.value:
+    import jax
+    jax.config.update("jax_num_cpu_devices", _NUM_DEVICES.value)
+  if distributed.initialize(processes):  # before any other JAX operation
+    import jax
+    common.set_writer(jax.process_index() == 0)
+    common.log(f"process 0 of {jax.process_count()}: {jax.device_count()} devices in all")
+  distributed.set_shard(shard)
+  if shard.count > 1:
+    common.log(f"{shard}: this job runs every {shard.count}-th unit of the study from unit "
+               f"{shard.index}")
   workdir = pathlib.Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
   start = time.time()

@@ -1,7 +1,7 @@
 """Gates, retention, model classes and the paper's claims with pre-registered decision rules.
 
 Everything here is a pure function of result records (the dicts of `results.jsonl`), so the
-run computes the gates and retention, and `experiments.report` draws the same verdicts from
+run computes the gates and retention, and `experiments.studies.recycling.report` draws the same verdicts from
 the file alone.
 
 *Gates* (per seed, thresholds from the config) say whether the setting can tell anything:

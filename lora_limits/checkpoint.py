@@ -8,14 +8,18 @@ previous step intact; a step directory that fails to restore is reported by name
 Orbax's array files carry no checksum: a flipped byte in a data file restores silently as
 a wrong value. So each save also records a SHA-256 of the state's bytes (tree paths,
 dtypes, shapes, values) in the JSON record, and a restore that does not reproduce it is
-refused. (Skipped for arrays this process cannot fully read, i.e. multi-host shards.) The
-record also holds the state's layout (path → dtype and shape), checked before the arrays
+refused. (Replicated arrays are hashed from this process's copy, so the digest is the same
+for any number of processes; skipped for arrays sharded across processes.) The record also holds the state's layout (path → dtype and shape), checked before the arrays
 are read, so a checkpoint of another model or adapter is refused by name.
 
 After each save, the SHA-256 of every file of the step directory goes to
 `file_sha256/<step>.json` (written atomically; orbax ignores the folder); a restore checks
 them first and names a missing, truncated or altered file before orbax reads anything.
-(Single-process only; a step saved without the list is checked by its state digest alone.)
+(A step saved without the list is checked by its state digest alone.)
+
+Several processes (multi-controller JAX): every process calls `save` and `restore` (orbax
+coordinates them and writes each array once); only process 0 writes the file list, and
+every process checks it before restoring.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ class Checkpointer:
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)))
     self._manager.wait_until_finished()
-    if jax.process_count() == 1:
+    if jax.process_index() == 0:  # orbax has finished the step on every process
       self._write_file_digests(step)
 
   def _digests_path(self, step: int) -> pathlib.Path:
@@ -231,12 +235,14 @@ def _check_layout(saved: dict[str, str], wanted: dict[str, str], where: str) -> 
 
 
 def state_digest(state: Any) -> str | None:
-  """SHA-256 over every leaf's tree path, dtype, shape and bytes (None if a leaf is not fully
-  addressable by this process)."""
+  """SHA-256 over every leaf's tree path, dtype, shape and bytes (None if a leaf is sharded
+  across processes; a replicated leaf is read from this process's copy)."""
   h = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-      return None
+      if not leaf.is_fully_replicated:
+        return None
+      leaf = leaf.addressable_data(0)
     x = np.asarray(jax.device_get(leaf))
     h.update(f"{jax.tree_util.keystr(path)}|{x.dtype.str}|{x.shape}|".encode())
     h.update(np.ascontiguousarray(x).tobytes())

@@ -2,14 +2,18 @@
 
 The batch is split over the `data` axis; parameters, adapters and optimizer state are
 replicated. On one device every sharding is trivial, so the same code runs unchanged on
-1 or N devices. Multi-host users call `jax.distributed.initialize()` first (see BUILD.md).
+1 or N devices, and on several processes (multi-controller JAX, after
+`jax.distributed.initialize()`; see BUILD.md): `put_batch` then feeds each process's devices
+from that process alone, and `to_local` hands replicated results back as local arrays.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -39,3 +43,61 @@ def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
   if batch_size % n:
     raise ValueError(f"batch_size={batch_size} must be divisible by the {n} devices of the "
                      f"'{DATA_AXIS}' mesh axis")
+
+
+def process_rows(sharding: NamedSharding, batch_size: int) -> slice:
+  """The rows of a [batch_size, ...] batch that this process's devices hold under `sharding`.
+
+  One process: every row. Several (multi-controller JAX): the contiguous block its devices
+  cover on the batch axis (a 1-D `data` mesh lists each process's devices together)."""
+  blocks = sorted({(index[0] if index else slice(None)).indices(batch_size)[:2]
+                   for index in sharding.addressable_devices_indices_map((batch_size,)).values()})
+  lo, hi = blocks[0][0], blocks[0][0]
+  for start, stop in blocks:
+    if start != hi:
+      raise ValueError(f"this process's devices hold non-contiguous rows of the batch under "
+                       f"{sharding}; order the mesh's devices by process")
+    hi = stop
+  return slice(lo, hi)
+
+
+def put_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """A global batch from the host batch: each process transfers only the rows its own devices
+  hold (`jax.make_array_from_process_local_data`); with one process this is `device_put`.
+
+  Every process passes the same global host batch (a pure function of seed and step)."""
+  sizes = {k: v.shape[0] for k, v in batch.items()}
+  if len(set(sizes.values())) != 1:
+    raise ValueError(f"batch arrays differ in their leading (batch) size: {sizes}")
+  if jax.process_count() == 1:
+    return jax.device_put(dict(batch), sharding)
+  rows = process_rows(sharding, next(iter(sizes.values())))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)[rows], v.shape)
+          for k, v in batch.items()}
+
+
+def to_local(tree: Any) -> Any:
+  """Fully replicated global arrays → this process's copy (on one of its own devices).
+
+  After multi-process training every process holds the whole replicated result; computing
+  on the local copy (evaluation, merges) then needs no other process. Arrays already fully
+  addressable are returned unchanged; a sharded, non-addressable array is refused."""
+  def local(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return x
+    if not x.is_fully_replicated:
+      raise ValueError(f"to_local got an array sharded across processes ({x.sharding}); only "
+                       "replicated arrays have a whole copy in each process")
+    return x.addressable_data(0)
+  return jax.tree.map(local, tree)
+
+
+def put_replicated(tree: Any, sharding: NamedSharding) -> Any:
+  """`jax.device_put(tree, sharding)` for a replicated sharding, also across processes:
+  there, arrays on this process's devices go through the host (each process holds the same
+  values and fills its own devices; the CPU backend has no cross-host device transfers)."""
+  if jax.process_count() > 1:
+    tree = jax.tree.map(
+        lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x,
+        tree)
+  return jax.device_put(tree, sharding)

@@ -5,8 +5,9 @@ adapter factors for LoRA (the base params are a separate, frozen argument, and t
 runs unmerged, so no gradient is ever formed for a frozen kernel). Randomness is
 `fold_in(key, step)`; batches are a pure function of the step (`lora_limits.data`), so a
 resumed run is bitwise identical to an uninterrupted one. Data parallel over a `data` mesh
-axis with `jax.jit` + `NamedSharding`; metrics are fetched one step late, so the host never
-waits on the device inside the loop.
+axis with `jax.jit` + `NamedSharding` (also over several processes: each feeds its own rows,
+and the trained result comes back as each process's local copy); metrics are fetched one
+step late, so the host never waits on the device inside the loop.
 
 A step whose loss or gradient norm is not finite leaves the state unchanged and is
 reported; the loop then stops with `NonFiniteError` naming the step and the last good
@@ -179,8 +180,8 @@ def fit(step_fn, trainable, frozen, data: data_lib.Encoded, loop: LoopConfig,
   rep, bat = shard_lib.replicated(mesh), shard_lib.batch_sharded(mesh)
 
   state = TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
-  state = jax.device_put(state, rep)
-  frozen = jax.device_put(frozen, rep) if frozen is not None else None
+  state = shard_lib.put_replicated(state, rep)
+  frozen = shard_lib.put_replicated(frozen, rep) if frozen is not None else None
   history: list[dict[str, float]] = []
   stopped_at = None
   checkpointer = ckpt_lib.Checkpointer(checkpoint_dir) if checkpoint_dir else None
@@ -225,7 +226,7 @@ def fit(step_fn, trainable, frozen, data: data_lib.Encoded, loop: LoopConfig,
       if stopped_at is not None:
         break
       batch = data_lib.batch_at(data, loop.batch_size, loop.seed, step, loop.loss_on)
-      batch = jax.device_put(batch, bat)
+      batch = shard_lib.put_batch(batch, bat)  # each process sends only its own rows
       state, metrics = jitted(state, frozen, batch)
       if pending is not None:
         finish(*pending)
@@ -236,7 +237,7 @@ def fit(step_fn, trainable, frozen, data: data_lib.Encoded, loop: LoopConfig,
       if at_eval or at_save or done == loop.steps:
         finish(*pending)
         pending = None
-      if at_eval and stop_fn(done, state.trainable):
+      if at_eval and stop_fn(done, shard_lib.to_local(state.trainable)):
         stopped_at = done
       if at_save or stopped_at is not None or done == loop.steps:
         save(done)
@@ -245,7 +246,7 @@ def fit(step_fn, trainable, frozen, data: data_lib.Encoded, loop: LoopConfig,
   finally:
     if checkpointer is not None:
       checkpointer.close()
-  return state.trainable, history, stopped_at
+  return shard_lib.to_local(state.trainable), history, stopped_at
 
 
 def pretrain(model_cfg: transformer.ModelConfig, data: data_lib.Encoded, *,

@@ -7,21 +7,26 @@
 model unchanged (rank, library size) pretrain once per seed. Outputs: `sweep_results.jsonl`
 (every record plus `sweep_field` and `sweep_value`), `sweep.md` and `sweep.png` (accuracy vs
 value per method, 2-combination library, with intervals and chance).
+
+Sharded (`experiments.run --num_shards`, or a SLURM array job), each job runs its share of
+the (value, seed) units; the last to finish writes the outputs, or `python -m
+experiments.studies.recycling.report W` merges them from `sweep.json` and the units.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from experiments import common, schema
+from experiments import common, distributed, schema
 from experiments.studies import recycling
-from experiments.studies.recycling import report
+from experiments.studies.recycling import report, units as units_lib
 
 _SPLITS = ("test_two_hop_direct", "test_two_hop_cot", "test_hop1", "test_hop2")
 
@@ -72,21 +77,43 @@ def parse(config: Any) -> tuple[SweepConfig, list[recycling.StudyConfig]]:
   return cfg, studies
 
 
+def units(studies: Sequence[recycling.StudyConfig]) -> list[tuple[int, int]]:
+  """The sweep's independent units, (value index, seed), value by value."""
+  return [(i, seed) for i, study in enumerate(studies) for seed in study.seeds]
+
+
 def main(config, workdir: pathlib.Path) -> None:
   cfg, studies = parse(config)
   cache = str(workdir / "cache")
-  records = []
-  for value, study in zip(cfg.sweep.values, studies):
+  runs = [f"{cfg.sweep.field}={value}" for value in cfg.sweep.values]
+  common.write_json(workdir / "sweep.json", {"field": cfg.sweep.field, "runs": runs,
+                                             "values": list(cfg.sweep.values)})
+  mine = distributed.mine(units(studies))  # all of them unless sharded
+  for i, (value, study) in enumerate(zip(cfg.sweep.values, studies)):
     if not study.cache_dir:
       study = dataclasses.replace(study, cache_dir=cache)
-    run_dir = workdir / "runs" / f"{cfg.sweep.field}={value}"
+    run_dir = workdir / "runs" / runs[i]
     run_dir.mkdir(parents=True, exist_ok=True)
     with common.stage(f"sweep {cfg.sweep.field}={value}"):
-      results = recycling.run(study, run_dir)
-    for r in common.read_jsonl(results):
-      records.append(dict(r, sweep_field=cfg.sweep.field, sweep_value=value))
-  common.write_jsonl(workdir / "sweep_results.jsonl", records)
-  write_sweep_report(workdir, records, cfg.sweep.field, list(cfg.sweep.values))
+      recycling.run(study, run_dir, seeds=[seed for j, seed in mine if j == i])
+  # Once more now: another shard may have finished a value since this one passed it.
+  if all([units_lib.assemble(workdir / "runs" / run, study.task, study.seeds) is not None
+          for run, study in zip(runs, studies)]):  # else other shards run the rest
+    merge(workdir)
+
+
+def merge(workdir: pathlib.Path) -> pathlib.Path:
+  """`sweep_results.jsonl`, `sweep.md` and `sweep.png` from every value's `results.jsonl`."""
+  spec = json.loads((workdir / "sweep.json").read_text())
+  field, values = spec["field"], spec["values"]
+  records = []
+  for run, value in zip(spec["runs"], values):
+    for r in common.read_jsonl(workdir / "runs" / run / "results.jsonl"):
+      records.append(dict(r, sweep_field=field, sweep_value=value))
+  out = workdir / "sweep_results.jsonl"
+  common.write_jsonl(out, records)
+  write_sweep_report(workdir, records, field, values)
+  return out
 
 
 def _curves(records, library: str, split: str, values):

@@ -21,7 +21,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from evosax.algorithms import CMA_ES
 
 from lora_limits import lora as lora_lib
 from lora_limits.models import transformer
@@ -76,9 +75,12 @@ def default_population_size(num_adapters: int) -> int:
 
 
 @functools.cache
-def _cma_es(population_size: int, num_adapters: int) -> CMA_ES:
+def _cma_es(population_size: int, num_adapters: int):
   """One strategy object per shape: evosax jits ask/tell with the object as a static
-  argument, so reusing it reuses their compilations."""
+  argument, so reusing it reuses their compilations. (Imported here: importing evosax runs
+  JAX operations, which would start the backend before `experiments.run` can configure it
+  or call `jax.distributed.initialize`.)"""
+  from evosax.algorithms import CMA_ES
   return CMA_ES(population_size=population_size,
                 solution=jnp.zeros((num_adapters,), jnp.float32))
 

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import pathlib
 import time
+from collections.abc import Sequence
 
 from experiments import common
+from experiments import distributed
 from experiments import schema
 from experiments import verdicts
 from experiments.studies.recycling import config as config_lib
@@ -83,36 +85,39 @@ def run_seed(cfg: StudyConfig, seed: int, cache: pathlib.Path, tokenizer,
   return records
 
 
-def run(cfg: StudyConfig, workdir: pathlib.Path) -> pathlib.Path:
-  """The whole study; returns the path of `results.jsonl`. Finished seeds (their unit files)
-  are read back, not recomputed."""
+def run(cfg: StudyConfig, workdir: pathlib.Path,
+        seeds: Sequence[int] | None = None) -> pathlib.Path | None:
+  """The study's `seeds` (default: this job's shard of `cfg.seeds`, i.e. all of them unless
+  `experiments.run` got --num_shards); returns the path of `results.jsonl` once every seed
+  of the study has its unit, else None (other shards have yet to finish theirs). Finished
+  seeds (their unit files) are read back, not recomputed."""
   start = time.time()
   cache = pathlib.Path(cfg.cache_dir) if cfg.cache_dir else workdir / "cache"
   common.write_json(workdir / "config.json", schema.to_dict(cfg))
   tokenizer = tok_lib.build([" ".join(config_lib.vocabulary(cfg))])
-  tokenizer.save_pretrained(str(workdir / "tokenizer"))
-  all_records = []
+  if common.is_writer():
+    tokenizer.save_pretrained(str(workdir / "tokenizer"))
   timings: dict[str, float] = {}
-  for seed in cfg.seeds:
-    unit = workdir / "units" / f"{cfg.task}-seed{seed}.jsonl"
-    done = units.read_unit(unit)
-    if done is not None:
+  todo = []
+  for seed in distributed.mine(cfg.seeds) if seeds is None else seeds:
+    unit = units.unit_path(workdir, cfg.task, seed)
+    if units.read_unit(unit) is not None:
       common.log(f"seed {seed}: results already in {unit}; skipping")
-      all_records += done
-      continue
+    else:
+      todo.append(seed)
+  distributed.agree(f"units of {workdir} checked")  # before any process writes one
+  for seed in todo:
     records = run_seed(cfg, seed, cache, tokenizer, timings)
-    units.write_unit(unit, records)
-    all_records += records
-  results = workdir / "results.jsonl"
-  common.write_jsonl(results, all_records)
+    units.write_unit(units.unit_path(workdir, cfg.task, seed), records)
+  results = units.assemble(workdir, cfg.task, cfg.seeds)
   timings["total"] = round(time.time() - start, 2)
   common.write_json(workdir / "timings.json", timings)
-  common.log(f"{len(all_records)} records in {results} "
-             f"({common.format_seconds(time.time() - start)})")
+  common.log(f"{cfg.task}: {common.format_seconds(time.time() - start)}")
   return results
 
 
 def main(config, workdir: pathlib.Path) -> None:
   cfg = parse(config)
   results = run(cfg, workdir)
-  report.write_report(workdir, results)
+  if results is not None:  # None: other shards' seeds unfinished, or not process 0
+    report.write_report(workdir, results)

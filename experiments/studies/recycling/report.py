@@ -1,5 +1,10 @@
 """`python -m experiments.studies.recycling.report W`: report.md and figures from W/results.jsonl alone.
 
+When the study ran in shards (`experiments.run --num_shards`), results.jsonl is first
+assembled from the shards' per-seed units in W/units/ if it is missing or older than one;
+for a sweep workdir (W/sweep.json), each value's results, then sweep_results.jsonl and
+sweep.md.
+
 Aggregates the tidy records over seeds (mean and a 95% interval: the wider of Student t over
 seeds and Wilson over the pooled examples), draws
 figure (a) library-level vs expert-level accuracy on tier H by method and figure (b)
@@ -329,11 +334,52 @@ def write_report(workdir: pathlib.Path, results: pathlib.Path | None = None) -> 
   return out
 
 
+def assemble_units(workdir: pathlib.Path) -> None:
+  """`results.jsonl` from the per-seed units when it is missing or older than a unit (the
+  shards of a study each write their units; see `experiments/distributed.py`). A workdir
+  without the config.json that lists its seeds, or with results.jsonl but no units, is left
+  as it is; a seed without a finished unit is a ValueError that names it."""
+  import json
+
+  from experiments.studies.recycling import units as units_lib
+  config, results = workdir / "config.json", workdir / "results.jsonl"
+  units = sorted((workdir / "units").glob("*.jsonl*"))
+  if not config.exists():
+    return
+  if results.exists() and (not units or results.stat().st_mtime
+                           >= max(u.stat().st_mtime for u in units)):
+    return
+  cfg = json.loads(config.read_text())
+  task, seeds = cfg["task"], cfg["seeds"]
+  missing = [s for s in seeds
+             if units_lib.read_unit(units_lib.unit_path(workdir, task, s)) is None]
+  if missing:
+    raise ValueError(f"{workdir}: seeds {missing} of {seeds} have no finished unit in "
+                     f"{workdir / 'units'}; run the shards that own them (or the study "
+                     "without --num_shards), then this report again")
+  units_lib.assemble(workdir, task, seeds)
+
+
 def main(argv: Sequence[str]) -> int:
   if len(argv) != 2:
     print("usage: python -m experiments.studies.recycling.report <workdir>", file=sys.stderr)
     return 2
-  path = write_report(pathlib.Path(argv[1]))
+  workdir = pathlib.Path(argv[1])
+  try:
+    if (workdir / "sweep.json").exists():  # a sweep: every value's study, then the merge
+      import json
+
+      from experiments.studies import sweep
+      for run in json.loads((workdir / "sweep.json").read_text())["runs"]:
+        assemble_units(workdir / "runs" / run)
+      path = sweep.merge(workdir)
+      print(f"wrote {path} and {workdir / 'sweep.md'}")
+      return 0
+    assemble_units(workdir)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  path = write_report(workdir)
   print(f"wrote {path}")
   return 0
 

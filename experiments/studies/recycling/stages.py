@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from experiments import common
+from experiments import distributed
 from experiments import schema
 from experiments.studies.recycling import config as config_lib
 from lora_limits import data as data_lib
@@ -58,8 +59,9 @@ def _progress(directory: pathlib.Path, label: str, total: int):
   live = directory / "metrics.live.jsonl"
 
   def on_metrics(step: int, metrics: Mapping[str, float]) -> None:
-    with open(live, "a", encoding="utf-8") as f:
-      f.write(json.dumps(dict(metrics, step=step), sort_keys=True) + "\n")
+    if common.is_writer():
+      with open(live, "a", encoding="utf-8") as f:
+        f.write(json.dumps(dict(metrics, step=step), sort_keys=True) + "\n")
     progress.update(step, f"loss {metrics['loss']:.3f} exact {metrics['exact_match']:.2f}")
 
   return on_metrics, progress
@@ -95,10 +97,12 @@ def pretrained_base(cfg: StudyConfig, world: task_common.World, tokenizer, cache
   directory.mkdir(parents=True, exist_ok=True)
   on_metrics, progress = _progress(directory, f"pretrain seed {seed}", p.steps)
   start = time.time()
-  params, history = train_lib.pretrain(
-      model_cfg, corpus_data, optim=optim, loop=loop, checkpoint_dir=str(directory / "ckpt"),
-      record={"model": model_cfg.to_dict()}, on_metrics=on_metrics)
-  _write_history(directory, history)
+  with distributed.exclusive(directory):  # shards of a sweep may share this base
+    params, history = train_lib.pretrain(
+        model_cfg, corpus_data, optim=optim, loop=loop, checkpoint_dir=str(directory / "ckpt"),
+        record={"model": model_cfg.to_dict()}, on_metrics=on_metrics,
+        mesh=distributed.training_mesh())
+    _write_history(directory, history)
   if info_path.exists():
     info = json.loads(info_path.read_text())
   else:
@@ -194,11 +198,12 @@ def trained_adapter(cfg: StudyConfig, base: Base, world: task_common.World, name
 
   directory.mkdir(parents=True, exist_ok=True)
   on_metrics, progress = _progress(directory, f"adapter {name} seed {seed}", a.max_steps)
-  adapter, history, stopped = train_lib.train_lora(
-      base.params, base.cfg, a.spec, data, optim=optim, loop=loop,
-      checkpoint_dir=str(directory / "ckpt"), record={"adapter": name}, on_metrics=on_metrics,
-      stop_fn=reached)
-  _write_history(directory, history)
+  with distributed.exclusive(directory):
+    adapter, history, stopped = train_lib.train_lora(
+        base.params, base.cfg, a.spec, data, optim=optim, loop=loop,
+        checkpoint_dir=str(directory / "ckpt"), record={"adapter": name},
+        on_metrics=on_metrics, stop_fn=reached, mesh=distributed.training_mesh())
+    _write_history(directory, history)
   if info_path.exists():
     info = json.loads(info_path.read_text())
   else:

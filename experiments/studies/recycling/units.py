@@ -15,8 +15,15 @@ def _unit_meta(unit: pathlib.Path) -> pathlib.Path:
   return unit.with_name(unit.name + ".meta.json")
 
 
+def unit_path(workdir: pathlib.Path, task: str, seed: int) -> pathlib.Path:
+  return workdir / "units" / f"{task}-seed{seed}.jsonl"
+
+
 def write_unit(unit: pathlib.Path, records: Sequence[Mapping[str, Any]]) -> None:
-  """One seed's records, then (only once they are on disk) their count and SHA-256."""
+  """One seed's records, then (only once they are on disk) their count and SHA-256 (on the
+  writing process only)."""
+  if not common.is_writer():
+    return
   common.write_jsonl(unit, records)
   digest = hashlib.sha256(unit.read_bytes()).hexdigest()
   common.write_json(_unit_meta(unit), {"records": len(records), "sha256": digest})
@@ -41,3 +48,26 @@ def read_unit(unit: pathlib.Path) -> list[dict[str, Any]] | None:
   if len(records) != count:
     raise ValueError(f"{unit} holds {len(records)} records, {meta_path.name} says {count}")
   return records
+
+
+def assemble(workdir: pathlib.Path, task: str, seeds: Sequence[int]) -> pathlib.Path | None:
+  """`results.jsonl` from the units of every seed, in `seeds` order; None (nothing written)
+  while a seed has no finished unit (another shard's), and on processes that do not write."""
+  if not common.is_writer():
+    return None
+  records, missing = [], []
+  for seed in seeds:
+    done = read_unit(unit_path(workdir, task, seed))
+    if done is None:
+      missing.append(seed)
+    else:
+      records += done
+  if missing:
+    common.log(f"seeds {missing} have no finished unit in {workdir / 'units'} yet (other "
+               "shards run them); results.jsonl is assembled when the last shard finishes, "
+               f"or by `python -m experiments.studies.recycling.report {workdir}`")
+    return None
+  results = workdir / "results.jsonl"
+  common.write_jsonl(results, records)
+  common.log(f"{len(records)} records in {results}")
+  return results
