@@ -38,27 +38,27 @@ def parse_args(argv):
 
 def smoke_config(steps: int = 0):
   from configs import smoke
-  from experiments import pipeline
+  from experiments.studies import recycling
   config = smoke.get_config()
   if steps:
     config.pretrain.steps = steps
-  return pipeline.parse(config)
+  return recycling.parse(config)
 
 
 def train(workdir: pathlib.Path, steps: int = 0):
   """(base params, hop1 adapter, {cache dir: step found at start}) of the smoke study."""
-  from experiments import pipeline
+  from experiments.studies.recycling import config as config_lib
+  from experiments.studies.recycling import stages
   from lora_limits import checkpoint
   from lora_limits import tokenizer as tok_lib
-  from lora_limits.tasks import two_hop
   cfg = smoke_config(steps)
-  world = pipeline.build_world(cfg, 0)
-  tokenizer = tok_lib.build([" ".join(two_hop.vocabulary(pipeline.world_settings(cfg, 0)))])
+  world = config_lib.build_world(cfg, 0)
+  tokenizer = tok_lib.build([" ".join(config_lib.vocabulary(cfg))])
   cache = workdir / "cache"
   started = {str(d.parent.relative_to(workdir)): checkpoint.Checkpointer(d).latest_step()
              for d in sorted(cache.glob("*/*/ckpt"))}
-  base = pipeline.pretrained_base(cfg, world, tokenizer, cache, 0)
-  adapter, _ = pipeline.trained_adapter(cfg, base, world, "hop1", cache, 0)
+  base = stages.pretrained_base(cfg, world, tokenizer, cache, 0)
+  adapter, _ = stages.trained_adapter(cfg, base, world, "hop1", cache, 0)
   return base.params, adapter, started
 
 

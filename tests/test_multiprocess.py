@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import common, distributed, report
+from experiments import common, distributed
+from experiments.studies.recycling import report
 from lora_limits import checkpoint, sharding, train, tree
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -321,8 +322,8 @@ def test_one_process_puts_the_whole_batch_and_keeps_its_arrays():
 
 def test_report_refuses_a_study_with_unfinished_shards(tmp_path, capsys):
   common.write_json(tmp_path / "config.json", {"task": "two_hop", "seeds": [0, 1]})
-  from experiments import pipeline
-  pipeline.write_unit(pipeline.unit_path(tmp_path, "two_hop", 1), [{"seed": 1}])
+  from experiments.studies.recycling import units
+  units.write_unit(units.unit_path(tmp_path, "two_hop", 1), [{"seed": 1}])
   assert report.main(["report", str(tmp_path)]) == 1
   assert "seeds [0] of [0, 1] have no finished unit" in capsys.readouterr().err
   assert not (tmp_path / "results.jsonl").exists()
