@@ -1,7 +1,9 @@
 """The recycling study in miniature: records' schema, report, resume, config errors, HF base."""
 
+import dataclasses
 import json
 import pathlib
+import shutil
 
 import jax
 import pytest
@@ -176,3 +178,24 @@ def test_prompts_go_through_a_chat_template_when_the_tokenizer_has_one():
   assert templated == plain
   rows = tok_lib.encode_examples(tok, [task_common.Example("who is the spouse of ka ro", "mi")])
   assert list(rows["tokens"][0][:9]) == plain
+
+
+def test_rerun_with_another_config_recomputes_the_seed(smoke_run, monkeypatch, tmp_path):
+  workdir, cfg = smoke_run
+  work = tmp_path / "w"
+  shutil.copytree(workdir / "units", work / "units")
+  records = recycling.units.read_unit(workdir / "units" / "two_hop-seed0.jsonl")
+  calls = []
+
+  def fake_run_seed(cfg, seed, *args, **kwargs):
+    calls.append(seed)
+    return records
+
+  monkeypatch.setattr(recycling, "run_seed", fake_run_seed)
+  recycling.run(cfg, work)
+  assert calls == []  # same config: the unit is reused
+  other = dataclasses.replace(cfg, eval_batch_size=cfg.eval_batch_size + 1)
+  recycling.run(other, work)
+  assert calls == [0]  # another config: its stale unit is recomputed...
+  recycling.run(other, work)
+  assert calls == [0]  # ... and then kept

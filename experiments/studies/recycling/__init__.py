@@ -98,17 +98,18 @@ def run(cfg: StudyConfig, workdir: pathlib.Path,
   if common.is_writer():
     tokenizer.save_pretrained(str(workdir / "tokenizer"))
   timings: dict[str, float] = {}
+  key = units.config_key(schema.to_dict(cfg))
   todo = []
   for seed in distributed.mine(cfg.seeds) if seeds is None else seeds:
     unit = units.unit_path(workdir, cfg.task, seed)
-    if units.read_unit(unit) is not None:
+    if units.read_unit(unit, key) is not None:
       common.log(f"seed {seed}: results already in {unit}; skipping")
     else:
       todo.append(seed)
   distributed.agree(f"units of {workdir} checked")  # before any process writes one
   for seed in todo:
     records = run_seed(cfg, seed, cache, tokenizer, timings)
-    units.write_unit(units.unit_path(workdir, cfg.task, seed), records)
+    units.write_unit(units.unit_path(workdir, cfg.task, seed), records, key)
   results = units.assemble(workdir, cfg.task, cfg.seeds)
   timings["total"] = round(time.time() - start, 2)
   common.write_json(workdir / "timings.json", timings)

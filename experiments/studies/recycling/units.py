@@ -19,22 +19,44 @@ def unit_path(workdir: pathlib.Path, task: str, seed: int) -> pathlib.Path:
   return workdir / "units" / f"{task}-seed{seed}.jsonl"
 
 
-def write_unit(unit: pathlib.Path, records: Sequence[Mapping[str, Any]]) -> None:
-  """One seed's records, then (only once they are on disk) their count and SHA-256 (on the
-  writing process only)."""
+def config_key(config: Mapping[str, Any]) -> str:
+  """A digest of everything a seed's records depend on in the study config (not the list of
+  seeds, not where the cache lives)."""
+  kept = {k: v for k, v in config.items() if k not in ("seeds", "cache_dir")}
+  return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_unit(unit: pathlib.Path, records: Sequence[Mapping[str, Any]],
+               key: str | None = None) -> None:
+  """One seed's records, then (only once they are on disk) their count, SHA-256 and the
+  config key they were computed with (on the writing process only)."""
   if not common.is_writer():
     return
   common.write_jsonl(unit, records)
   digest = hashlib.sha256(unit.read_bytes()).hexdigest()
-  common.write_json(_unit_meta(unit), {"records": len(records), "sha256": digest})
+  meta = {"records": len(records), "sha256": digest}
+  if key is not None:
+    meta["config_key"] = key
+  common.write_json(_unit_meta(unit), meta)
 
 
-def read_unit(unit: pathlib.Path) -> list[dict[str, Any]] | None:
+def read_unit(unit: pathlib.Path, key: str | None = None) -> list[dict[str, Any]] | None:
   """A finished seed's records; None if the seed never finished (no unit, or no meta yet:
-  the run died between the two writes). A unit that disagrees with its meta is refused."""
+  the run died between the two writes) or, given `key`, was computed with another config
+  (its records would be stale; the caller recomputes it). A unit that disagrees with its
+  meta is refused."""
   meta_path = _unit_meta(unit)
   if not unit.exists() or not meta_path.exists():
     return None
+  if key is not None:
+    try:
+      stored = json.loads(meta_path.read_text()).get("config_key")
+    except ValueError:
+      stored = None  # damaged meta: refused below
+    if stored is not None and stored != key:
+      common.log(f"{unit} was computed with another config (key {stored}, now {key}); "
+                 "recomputing that seed")
+      return None
   try:
     meta = json.loads(meta_path.read_text())
     expected, count = meta["sha256"], meta["records"]
