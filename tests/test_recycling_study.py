@@ -49,7 +49,7 @@ def smoke_run(tmp_path_factory):
     cfg = recycling.parse(c)
     results = recycling.run(cfg, workdir)
     report.write_report(workdir, results)
-    yield workdir, cfg
+  yield workdir, cfg  # the registration ended with the context
 
 
 def test_a_registered_method_reaches_the_results(smoke_run):

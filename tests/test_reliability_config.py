@@ -52,6 +52,9 @@ ANY_VALUE_OK = {
     ("data", "math.people"): "any distinct lower-case words",
     ("merge_landscape", "grid.low"): "the weight grid may start below zero (default -1)",
     ("theory", "multi_fact.ranks"): "() means every rank 1..n_facts",
+    ("preflight", "source"): "a workdir path (read when mode='workdir' runs)",
+    ("preflight", "hf_path"): "a checkpoint path (read when mode='hf' runs)",
+    ("preflight", "peft_dirs"): "adapter paths (read when mode='hf' runs)",
 }
 
 

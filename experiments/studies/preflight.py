@@ -32,6 +32,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from experiments import common
+from experiments import schema
 from lora_limits import checkpoint as ckpt_lib
 from lora_limits import exact_match as eval_lib
 from lora_limits import lora as lora_lib
@@ -584,10 +585,54 @@ def validate(config, workdir: pathlib.Path) -> None:
 # ---------------------------------------------------------------------------------- main
 
 
+@dataclasses.dataclass(frozen=True)
+class PreflightConfig:
+  """The typed config (see `configs/preflight.py`); validated before anything is written."""
+
+  study: str
+  mode: str
+  source: str
+  hf_path: str
+  peft_dirs: tuple[str, ...]
+  methods: tuple[str, ...]
+  grid: tuple[str, ...]
+  pretrain_steps: int
+  adapter_steps: int
+  n_boot: int
+  bootstrap_seed: int
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"mode={self.mode!r} is not one of {list(MODES)}")
+    allowed = sorted(merge_lib.METHODS) + ["arrow"]
+    if not self.methods:
+      raise ValueError(f"methods must name at least one of {allowed}")
+    for m in self.methods:
+      if m not in allowed:
+        raise ValueError(f"methods has {m!r}; allowed: {allowed}")
+    if not self.grid:
+      raise ValueError("grid must list at least one 'task:rank:targets:distractors:seed'")
+    for spec in self.grid:
+      parts = spec.split(":")
+      if (len(parts) != 5 or parts[0] != "two_hop" or parts[2] not in TARGETS
+          or not all(p.isdigit() for p in (parts[1], parts[3], parts[4]))
+          or int(parts[1]) < 1):
+        raise ValueError(f"grid has {spec!r}; entries are 'two_hop:RANK:TARGETS:DISTRACTORS:"
+                         f"SEED' with RANK >= 1 and TARGETS one of {list(TARGETS)}")
+    for name in ("pretrain_steps", "adapter_steps", "n_boot"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.bootstrap_seed < 0:
+      raise ValueError(f"bootstrap_seed must be >= 0, got {self.bootstrap_seed}")
+
+
+def parse(config: Any) -> PreflightConfig:
+  """The ConfigDict → a validated PreflightConfig (ConfigError names the field)."""
+  return schema.build(PreflightConfig, config, "config")
+
+
 def main(config, workdir: pathlib.Path) -> None:
-  mode = config.get("mode")
-  if mode not in MODES:
-    raise ValueError(f"config.mode={mode!r} is not one of {list(MODES)}")
+  mode = parse(config).mode
   if mode == "validate":
     validate(config, workdir)
     return
