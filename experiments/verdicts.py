@@ -347,9 +347,10 @@ CLAIM_RULES = {
     "familiarity": (
         "Recycling fails worst for unfamiliar entities",
         "For each primary method (2-combination library, CoT, strict), the gain over the base "
-        "model per tier, gain(t) = acc(method, t) − acc(base, t), paired by seed; supported if "
-        "the interval of gain(R) − gain(F) lies above 0, contradicted if it lies below 0, "
-        "otherwise inconclusive; every tier's gain is printed with its interval."),
+        "model per tier, gain(t) = acc(method, t) − acc(base, t), paired by seed; inconclusive "
+        "unless every gate passed; supported if the interval of gain(R) − gain(F) lies above "
+        "0, contradicted if it lies below 0, otherwise inconclusive; every tier's gain is "
+        "printed with its interval."),
 }
 
 
@@ -433,7 +434,11 @@ def claim_verdicts(records: Sequence[Mapping[str, Any]], task: str,
       if d is None:
         continue
       ev += f"; gain(R) − gain(F) {d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]"
-      v = SUPPORTED if d[1] > 0 else CONTRADICTED if d[2] < 0 else INCONCLUSIVE
+      if not gates_ok:
+        v = INCONCLUSIVE
+        ev += "; a gate failed"
+      else:
+        v = SUPPORTED if d[1] > 0 else CONTRADICTED if d[2] < 0 else INCONCLUSIVE
       out.append(Verdict(CLAIM_RULES["familiarity"][0], CLAIM_RULES["familiarity"][1], v, ev))
   return out
 
