@@ -99,7 +99,7 @@ def test_grid_entries_and_modes_are_checked():
       study._setting_config(base, bad)
   c = preflight_config.get_config()
   c.mode = "nope"
-  with pytest.raises(ValueError, match="config.mode"):
+  with pytest.raises(ValueError, match=r"config: mode=.nope. is not one of"):
     study.main(c, None)
   with pytest.raises(ValueError, match="variant"):
     preflight_config.get_config("bogus")
