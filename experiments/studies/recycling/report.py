@@ -15,7 +15,6 @@ and writes a "what this shows" paragraph computed from the numbers.
 from __future__ import annotations
 
 import collections
-import math
 import pathlib
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -47,9 +46,6 @@ REQUIRED = ("task", "tier", "library", "method", "answer_format", "split", "seed
             "n", "chance")
 
 
-t_quantile, wilson = verdicts.t_quantile, verdicts.wilson
-
-
 def aggregate(records: Iterable[Mapping[str, Any]]) -> dict[tuple, dict[str, Any]]:
   """{KEY tuple: {mean, lo, hi, seeds, n, chance, bridge}} over seeds."""
   groups: dict[tuple, list[Mapping[str, Any]]] = collections.defaultdict(list)
@@ -57,16 +53,9 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> dict[tuple, dict[str, Any
     groups[tuple(r[k] for k in KEY)].append(r)
   out = {}
   for key, rs in groups.items():
-    acc = np.array([r["accuracy"] for r in rs], float)
-    mean = float(acc.mean())
-    n_total = int(sum(r["n"] for r in rs))
-    pooled = float(sum(r["accuracy"] * r["n"] for r in rs)) / max(n_total, 1)
-    lo, hi = wilson(pooled, n_total)
-    if len(rs) >= 2:
-      # Seeds vary world, init and data order: the t-interval over seeds carries that
-      # variance; the pooled Wilson interval keeps it honest when the seeds happen to agree.
-      half = t_quantile(len(rs) - 1) * float(acc.std(ddof=1)) / math.sqrt(len(rs))
-      lo, hi = min(lo, max(0.0, mean - half)), max(hi, min(1.0, mean + half))
+    # Seeds vary world, init and data order: the t-interval over seeds carries that variance;
+    # the pooled Wilson interval keeps it honest when the seeds happen to agree.
+    mean, lo, hi = verdicts.interval([r["accuracy"] for r in rs], [r["n"] for r in rs])
     chance = [r["chance"] for r in rs if r.get("chance") is not None]
     majority = [r["majority"] for r in rs if r.get("majority") is not None]
     bridge = [r["bridge_accuracy"] for r in rs if r.get("bridge_accuracy") is not None]
