@@ -1,9 +1,9 @@
 """Recycling zoo: merges, routers and the many-combination evaluator.
 
 Modules: `merge` (merge(adapters, method, weights, flavor=..., **options) -> MergeResult and
-the method registries), `route` (Arrow, oracle, similarity routing), `lorahub` (few-shot
-weight search), `score` (score_combinations) and `recyclers` (the registry of every
-recycling method). The submodule `merge` keeps its name
+the method registries: WUDI among the merges), `route` (Arrow, GenKnowSub, oracle, similarity
+routing), `lorahub` (few-shot weight search), `score` (score_combinations) and `recyclers` (the
+registry of every recycling method). The submodule `merge` keeps its name
 here, so call the function as `recycle.merge.merge(...)`.
 """
 
@@ -15,5 +15,6 @@ from lora_limits.recycle.lorahub import LoraHubConfig, LoraHubResult, lorahub_se
 from lora_limits.recycle.merge import (
     METHODS, PEFT_METHODS, MergeMethod, MergeResult, available, check_adapters, method_info)
 from lora_limits.recycle.route import (
-    ArrowRouter, adapter_centroid, arrow_prototypes, arrow_router, arrow_weights, oracle_mix,
-    oracle_weights, prompt_embeddings, similarity_mix, similarity_weights, top_k_softmax)
+    ArrowRouter, adapter_centroid, arrow_prototypes, arrow_router, arrow_weights, genknowsub,
+    genknowsub_router, oracle_mix, oracle_weights, prompt_embeddings, similarity_mix,
+    similarity_weights, top_k_softmax)

@@ -330,6 +330,39 @@ def _knots(adapters, w, paths, opts) -> MergeResult:
   return MergeResult("knots", "factors", adapter=out)
 
 
+def _wudi(adapters, w, paths, opts) -> MergeResult:
+  """WUDI merging (Cheng et al. 2025, arXiv 2503.08099, "Whoever Started the Interference
+  Should End It"): the update that minimises, per linear layer, Σ_k ‖τ_kᵀ(ΔW − τ_k)‖² / ‖τ_k‖²
+  over the task vectors τ_k = w_k ΔW_k (w_k = 0 drops task k). The paper reads the rows of
+  each torch task vector [out, in] as stand-ins for that task's inputs; in our [d_in, d_out]
+  layout they are the columns of τ_k, so the loss is the interference ‖x (ΔW − τ_k)‖ summed
+  over those inputs x. The paper approaches the optimum with Adam from ΔW = Σ τ_k; for LoRA
+  updates it is exact and closed-form: every τ_k lies in the span Q of the stacked A's
+  (QR, d_in × m with m ≤ Σr), the gradient never leaves it, so the limit is
+  ΔW = Q (Σ_k c_k h_k h_kᵀ)⁺ Σ_k c_k h_k h_kᵀ h_k with h_k = Qᵀ τ_k [m, d_out] and
+  c_k = 1/‖h_k‖² = 1/‖τ_k‖², returned as factors (a = Q, b [m, d_out], scale 1; rank m ≤ Σr).
+  Tasks with orthogonal input subspaces merge to their sum; one adapter is reproduced.
+  Data-free; mixed ranks allowed; computed in float32."""
+  del opts
+  out = {}
+  for p in paths:
+    fs = [ad[p] for ad in adapters]
+    a_s = [f.a.astype(jnp.float32) for f in fs]
+    q, _ = jnp.linalg.qr(jnp.concatenate(a_s, axis=-1))  # [I, m]
+    gram = jnp.zeros((q.shape[1], q.shape[1]), jnp.float32)
+    rhs = jnp.zeros((q.shape[1], fs[0].b.shape[1]), jnp.float32)
+    for k, f in enumerate(fs):
+      h = (f.scale * w[k]) * ((q.T @ a_s[k]) @ f.b.astype(jnp.float32))  # τ_k = Q h
+      norm2 = jnp.sum(h * h)
+      c = jnp.where(norm2 > 0, 1.0 / jnp.where(norm2 > 0, norm2, 1.0), 0.0)
+      g = c * (h @ h.T)
+      gram = gram + g
+      rhs = rhs + g @ h
+    b = jnp.linalg.pinv(gram, hermitian=True) @ rhs
+    out[p] = lora_lib.LoraFactors(q, b, 1.0)
+  return MergeResult("wudi", "factors", adapter=out)
+
+
 # ---------------------------------------------------------------------------------------------
 # PEFT flavour (PEFT 0.21, `LoraModel.add_weighted_adapter` + `peft.utils.merge_utils`).
 
@@ -451,6 +484,7 @@ METHODS: dict[str, MergeMethod] = {
     "svd": _entry("svd", "default", _svd, "factors", options={"rank": None}),
     "knots": _entry("knots", "default", _knots, "factors",
                     options={"inner": "ties", "density": 1.0, "majority_sign": "total"}),
+    "wudi": _entry("wudi", "default", _wudi, "factors"),
 }
 
 PEFT_METHODS: dict[str, MergeMethod] = {

@@ -1,4 +1,5 @@
-"""Routers: per-token (Arrow), per-query (oracle, similarity) choices among K adapters.
+"""Routers: per-token (Arrow, GenKnowSub + Arrow), per-query (oracle, similarity) choices
+among K adapters.
 
 Every router here returns a `lora.LoraMix` that the model's forward consults, so adapters run
 *unmerged* (y = x W + Σ_k w_k s (x A_k) B_k) with weights that are fixed per query ([B, K])
@@ -108,6 +109,58 @@ def arrow_router(adapters: Sequence[Mapping[str, lora_lib.LoraFactors]], top_k: 
   return lora_lib.LoraMix(stack=lora_lib.stack(adapters), router_state=protos,
                           router=ArrowRouter(top_k, float(temperature), bool(normalize_tokens)),
                           mode=mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# GenKnowSub (Bagherifard et al. 2025, "GenKnowSub: Improving Modularity and Reusability of
+# LLMs through General Knowledge Subtraction"; PEFT's `ArrowConfig(use_gks=True)`).
+
+GKS_MODES = ("factors", "delta")
+
+
+def genknowsub(task_adapters: Sequence[Mapping[str, lora_lib.LoraFactors]],
+               general_adapters: Sequence[Mapping[str, lora_lib.LoraFactors]],
+               mode: str = "factors") -> list[lora_lib.Adapter]:
+  """The task adapters with the mean of the general adapters subtracted ("forgetting via
+  negation" of general knowledge, before Arrow routes between them).
+
+  mode='factors' — PEFT's `gen_know_sub`: A_t − mean_g A_g and B_t − mean_g B_g, each factor
+  separately, keeping each task adapter's scale (the general adapters' scales are not used;
+  every adapter must have the same rank at each path). mode='delta' — the subtraction on the
+  updates, ΔW_t − mean_g ΔW_g exactly, as factors of rank r_t + Σ_g r_g (scale 1; any ranks).
+  """
+  if mode not in GKS_MODES:
+    raise ValueError(f"mode={mode!r} is not one of {list(GKS_MODES)}")
+  if isinstance(general_adapters, Mapping) or not general_adapters:
+    raise ValueError("general_adapters must be a non-empty list of adapters")
+  everything = list(task_adapters) + list(general_adapters)
+  paths = merge_lib.check_adapters(everything, same_rank=mode == "factors")
+  n_gen = len(general_adapters)
+  out = []
+  for ad in task_adapters:
+    new = {}
+    for p in paths:
+      f, gens = ad[p], [g[p] for g in general_adapters]
+      if mode == "factors":
+        mean_a = sum(g.a for g in gens) / n_gen
+        mean_b = sum(g.b for g in gens) / n_gen
+        new[p] = lora_lib.LoraFactors(f.a - mean_a, f.b - mean_b, f.scale)
+      else:
+        a = jnp.concatenate([f.scale * f.a] + [(-g.scale / n_gen) * g.a for g in gens], axis=-1)
+        b = jnp.concatenate([f.b] + [g.b for g in gens], axis=0)
+        new[p] = lora_lib.LoraFactors(a, b, 1.0)
+    out.append(new)
+  return out
+
+
+def genknowsub_router(task_adapters: Sequence[Mapping[str, lora_lib.LoraFactors]],
+                      general_adapters: Sequence[Mapping[str, lora_lib.LoraFactors]],
+                      top_k: int | None = None, temperature: float = 1.0,
+                      mode: str = "factors") -> lora_lib.LoraMix:
+  """Arrow (`arrow_router`) over the GenKnowSub-purified task adapters (`genknowsub`): the
+  prototypes and the routed updates both come from the purified adapters, as in PEFT."""
+  return arrow_router(genknowsub(task_adapters, general_adapters, mode), top_k=top_k,
+                      temperature=temperature)
 
 
 # ---------------------------------------------------------------------------------------------
