@@ -152,3 +152,82 @@ def test_single_adapter_weight_one_is_identity_including_rslora(rslora):
     got = merge_lib.merge(ours, ct, [1.0], flavor="peft").delta()
     for p in want:
       np.testing.assert_allclose(np.asarray(got[p]), np.asarray(want[p]), rtol=1e-5, atol=1e-5)
+
+
+# Every combination type of PEFT 0.21's add_weighted_adapter, with three adapters of mixed
+# alphas (scales 2, 0.5, 3), negative and non-unit weights, and unequal ranks wherever PEFT
+# accepts them (it requires one rank for the factor-wise types).
+ALL_COMBINATION_TYPES = ("svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear",
+                         "dare_ties_svd", "dare_linear_svd", "magnitude_prune",
+                         "magnitude_prune_svd")
+SAME_RANK_TYPES = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune")
+
+
+def test_the_parity_list_is_peft_s_list_and_our_registry():
+  import inspect
+  import typing
+  hint = inspect.signature(peft.LoraModel.add_weighted_adapter).parameters["combination_type"]
+  assert set(typing.get_args(hint.annotation)) == set(ALL_COMBINATION_TYPES)
+  assert set(merge_lib.PEFT_METHODS) == set(ALL_COMBINATION_TYPES)
+  assert {m for m, i in merge_lib.PEFT_METHODS.items() if not i.mixed_ranks} == set(
+      SAME_RANK_TYPES)
+
+
+@pytest.mark.parametrize("combination_type", ALL_COMBINATION_TYPES)
+@pytest.mark.parametrize("weights", [[0.8, -1.1, 0.6], [-0.5, 2.0, -1.5]])
+def test_every_combination_type_matches_peft(monkeypatch, combination_type, weights):
+  recorded = []
+
+  def recording_pruning(tensor, density, rescale):
+    """PEFT's DARE drop, made deterministic (a function of each entry); records the masks."""
+    y = tensor.abs() * 1000.0
+    keep = (y - torch.floor(y)) < density
+    recorded.append(keep.numpy().copy())
+    out = tensor * keep
+    return out / density if rescale else out
+
+  monkeypatch.setattr(merge_utils, "random_pruning", recording_pruning)
+  same_rank = combination_type in SAME_RANK_TYPES
+  ranks = (3, 3, 3) if same_rank else (2, 4, 3)
+  alphas = (2.0 * ranks[0], 0.5 * ranks[1], 3.0 * ranks[2])  # scales 2, 0.5, 3
+  model, ours = _build(list(zip(ranks, alphas)), seed=11)
+  assert len({f.scale for ad in ours for f in [ad["lin1/kernel"]]}) == 3
+  kwargs = {}
+  if combination_type not in ("linear", "cat", "svd"):
+    kwargs["density"] = 0.6
+  if combination_type.endswith("svd"):
+    kwargs["svd_rank"] = 4
+  names = [f"a{k}" for k in range(3)]
+  model.add_weighted_adapter(names, weights, "merged", combination_type=combination_type,
+                             **kwargs)
+  theirs = _peft_delta(model, "merged")
+  opts = dict(kwargs)
+  if combination_type.startswith("dare"):
+    if combination_type.endswith("_svd"):  # masks on the dense updates, [out, in] per module
+      assert len(recorded) == 3 * len(LAYERS)
+      opts["masks"] = {f"{name}/kernel": np.stack([m.T for m in recorded[3 * i:3 * i + 3]])
+                       for i, name in enumerate(LAYERS)}
+    else:  # masks on the factors, a function of their (exactly shared) values
+      opts["masks"] = {
+          p: (np.stack([_keep_mask_np(np.asarray(ad[p].a), 0.6) for ad in ours]),
+              np.stack([_keep_mask_np(np.asarray(ad[p].b), 0.6) for ad in ours]))
+          for p in ours[0]}
+  result = merge_lib.merge(ours, combination_type, weights, flavor="peft", **opts)
+  mine = result.delta()
+  for p in theirs:
+    scale = max(1.0, float(np.abs(theirs[p]).max()))
+    np.testing.assert_allclose(np.asarray(mine[p]), theirs[p], rtol=0, atol=5e-5 * scale,
+                               err_msg=f"{combination_type} at {p}")
+  if not same_rank:  # the merged rank PEFT allocates
+    want = sum(ranks) if combination_type == "cat" else 4
+    assert result.adapter["lin1/kernel"].rank == want
+
+
+@pytest.mark.parametrize("combination_type", SAME_RANK_TYPES)
+def test_factorwise_types_refuse_unequal_ranks_like_peft(combination_type):
+  model, ours = _build([(2, 4.0), (3, 3.0)], seed=12)
+  with pytest.raises(ValueError, match="same r value"):
+    model.add_weighted_adapter(["a0", "a1"], [1.0, 1.0], "merged",
+                               combination_type=combination_type, density=0.5)
+  with pytest.raises(ValueError, match="needs equal ranks"):
+    merge_lib.merge(ours, combination_type, [1.0, 1.0], flavor="peft", density=0.5)

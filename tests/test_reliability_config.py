@@ -55,6 +55,12 @@ ANY_VALUE_OK = {
     ("preflight", "source"): "a workdir path (read when mode='workdir' runs)",
     ("preflight", "hf_path"): "a checkpoint path (read when mode='hf' runs)",
     ("preflight", "peft_dirs"): "adapter paths (read when mode='hf' runs)",
+    ("recycle_peft", "base"): "a path, read and checked by load_inputs before any compute "
+                              "(tests/test_recycle_peft.py)",
+    ("recycle_peft", "adapters"): "paths, read and checked by load_inputs before any compute",
+    ("recycle_peft", "eval"): "a path, read and checked by load_inputs before any compute",
+    ("recycle_peft", "fewshot"): "a path, read and checked by load_inputs before any compute",
+    ("recycle_peft", "general"): "paths, read and checked by load_inputs before any compute",
 }
 
 

@@ -1,0 +1,629 @@
+"""Study 'recycle_peft': a practitioner's own PEFT LoRA adapters, base model and questions.
+
+Run:
+  python -m experiments.run --config=configs/recycle_peft.py --workdir=W \\
+      --config.base=CHECKPOINT_DIR --config.adapters=A_DIR,B_DIR --config.eval=questions.jsonl
+
+Loads the base (`interop.hf.load_checkpoint`: Llama/Qwen2/Mistral/GPT-2; `dtype`, and FSDP
+sharding over every device with `shard=True`) and each adapter (`interop.peft.load_adapter`),
+then evaluates the base, every adapter alone, every merge (PEFT's `add_weighted_adapter`
+combination types, flavour 'peft', and WUDI) and every router (Arrow, GenKnowSub + Arrow with
+`general` adapters; LoraHub and similarity selection with `fewshot` data) on the questions of
+`eval`: teacher-forced exact match (the greedy continuation starts with the answer) and the
+answer's log-likelihood. Writes `config.json`, `results.jsonl` (one record per method and
+group), `report.md`, `figures/`, `timings.json` and, with `export=METHOD`, that merge as a
+PEFT adapter directory `export/METHOD/` (loads with `PeftModel.from_pretrained`).
+
+Input problems (a missing or malformed file, an adapter of another model, methods that do
+not apply to these adapters) are `schema.ConfigError`s naming the field, the file and what is
+allowed, raised before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import common
+from experiments import schema
+from lora_limits import data as data_lib
+from lora_limits import evaluate as eval_lib
+from lora_limits import lora as lora_lib
+from lora_limits import tokenizer as tok_lib
+from lora_limits import tree as tree_lib
+from lora_limits.interop import hf
+from lora_limits.interop import peft as ipeft
+from lora_limits.interop import qa as qa_lib
+from lora_limits.interop import shard as shard_lib
+from lora_limits.models import transformer
+from lora_limits.recycle import lorahub as lorahub_lib
+from lora_limits.recycle import merge as merge_lib
+from lora_limits.recycle import route as route_lib
+
+PEFT_MERGES = tuple(merge_lib.PEFT_METHODS)  # PEFT's add_weighted_adapter combination types
+DEFAULT_MERGES = ("wudi",)  # our zoo's own data-free merges (flavour 'default')
+ROUTERS = ("arrow", "genknowsub")
+DATA_METHODS = ("lorahub", "similarity")  # need `fewshot`
+METHODS = PEFT_MERGES + DEFAULT_MERGES + ROUTERS + DATA_METHODS
+EXPORTABLE = PEFT_MERGES + DEFAULT_MERGES + ("lorahub",)  # those whose result is one adapter
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecyclePeftStudy:
+  """Paths are checked when the inputs are read (`load_inputs`), also before any compute."""
+
+  study: str = "recycle_peft"
+  base: str = ""  # a local Hugging Face checkpoint directory
+  adapters: str = ""  # comma-separated PEFT LoRA adapter directories
+  eval: str = ""  # JSONL: {"prompt", "answer"[, "group"]} per line
+  fewshot: str = ""  # optional JSONL, same format, disjoint from eval (LoraHub, similarity)
+  general: str = ""  # optional comma-separated general adapters (GenKnowSub)
+  methods: tuple[str, ...] = ()  # () = every method that applies to these adapters
+  export: str = ""  # a merge method whose adapter is written to <workdir>/export/<method>/
+  weights: tuple[float, ...] = ()  # one merge weight per adapter; () = 1.0 each
+  dtype: str = "float32"
+  shard: bool = False  # FSDP-shard the base over every device
+  batch_size: int = 16
+  answer_eos: bool = False  # also require EOS right after the answer
+  density: float = 0.5  # ties / dare / magnitude_prune
+  svd_rank: int = 0  # PEFT *svd rank; 0 = the largest adapter rank
+  arrow_top_k: int = 1
+  arrow_temperature: float = 1.0
+  lorahub_generations: int = 10
+  similarity_top_k: int = 1
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.study != "recycle_peft":
+      raise ValueError(f"config.study must be 'recycle_peft', got {self.study!r}")
+    for m in self.methods:
+      if m not in METHODS:
+        raise ValueError(f"config.methods has {m!r}; allowed: {list(METHODS)}")
+    if len(set(self.methods)) != len(self.methods):
+      raise ValueError(f"config.methods repeats a method: {self.methods}")
+    if self.export and self.export not in EXPORTABLE:
+      why = ("a router, which mixes adapters per token or query and does not produce a "
+             "mergeable adapter" if self.export in METHODS else "not a method")
+      raise ValueError(f"config.export={self.export!r} is {why}; allowed: '' or one of "
+                       f"{list(EXPORTABLE)}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"config.dtype={self.dtype!r} is not one of {list(DTYPES)}")
+    for name in ("batch_size", "arrow_top_k", "lorahub_generations", "similarity_top_k"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"config.{name} must be > 0, got {getattr(self, name)!r}")
+    for name in ("svd_rank", "seed"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"config.{name} must be >= 0, got {getattr(self, name)!r}")
+    if not 0.0 < self.density <= 1.0:
+      raise ValueError(f"config.density must be in (0, 1], got {self.density!r}")
+    if not self.arrow_temperature > 0:
+      raise ValueError(f"config.arrow_temperature must be > 0, got {self.arrow_temperature!r}")
+
+
+def parse(config: Any) -> RecyclePeftStudy:
+  """The ConfigDict → a validated RecyclePeftStudy (ConfigError names the field)."""
+  return schema.build(RecyclePeftStudy, config, "config")
+
+
+def split_paths(value: str) -> list[str]:
+  return [p.strip() for p in value.split(",") if p.strip()]
+
+
+# ------------------------------------------------------------------------------- inputs
+
+
+@dataclasses.dataclass
+class Inputs:
+  """Everything read from the user's files, checked."""
+
+  cfg: transformer.ModelConfig
+  arch: str
+  params: Any
+  tokenizer: Any
+  names: list[str]  # one per adapter (directory name, made unique)
+  adapters: list[lora_lib.Adapter]  # zero-padded to the union of target modules
+  targets: list[list[str]]  # each adapter's own kernel paths
+  general: list[lora_lib.Adapter]
+  eval_qa: list[qa_lib.QA]
+  eval_rows: data_lib.Encoded
+  fewshot_qa: list[qa_lib.QA]
+  fewshot_rows: data_lib.Encoded | None
+  weights: np.ndarray
+  methods: list[str]
+  skipped: dict[str, str]  # method -> why it does not apply
+  pad_id: int
+
+
+def _error(field: str, message: str) -> schema.ConfigError:
+  return schema.ConfigError(f"config.{field}: {message}")
+
+
+def _family(arch: str) -> str:
+  return "gpt2" if arch == "gpt2" else "llama"
+
+
+def _read_adapter(field: str, index: int, path: str, params, arch: str) -> lora_lib.Adapter:
+  where = f"{field}[{index}]={path!r}"
+  if not pathlib.Path(path).is_dir():
+    raise _error(field, f"{where} is not a directory (expected a PEFT adapter directory with "
+                 f"{ipeft.CONFIG_FILE} and {ipeft.WEIGHTS_FILE})")
+  try:
+    config, modules = ipeft.read_adapter(path)
+    for module in modules:
+      family, _ = hf.kernel_paths(module)
+      if family != _family(arch):
+        raise ValueError(f"it adapts {module!r}, a {family} module, but config.base is a "
+                         f"{arch} checkpoint")
+    adapter = ipeft.load_adapter(path, params)
+  except ValueError as e:
+    trained_on = None
+    if (pathlib.Path(path) / ipeft.CONFIG_FILE).is_file():
+      try:
+        trained_on = shard_lib.read_json(pathlib.Path(path) / ipeft.CONFIG_FILE).get(
+            "base_model_name_or_path")
+      except (ValueError, AttributeError):
+        trained_on = None
+    hint = f" (its adapter_config.json names the base {trained_on!r})" if trained_on else ""
+    raise _error(field, f"{where} does not fit config.base: {e}{hint}") from e
+  return adapter
+
+
+def _pad_to_union(adapters: list[lora_lib.Adapter]) -> list[lora_lib.Adapter]:
+  """Every adapter on the union of paths; a path an adapter lacks gets zero factors (of the
+  rank another adapter has there): exactly what PEFT's add_weighted_adapter does with a
+  module an adapter does not target (it skips it, i.e. adds nothing)."""
+  union = sorted(set().union(*adapters))
+  out = []
+  for ad in adapters:
+    padded = dict(ad)
+    for p in union:
+      if p not in ad:
+        ref = next(other[p] for other in adapters if p in other)
+        padded[p] = lora_lib.LoraFactors(jnp.zeros_like(ref.a), jnp.zeros_like(ref.b), 1.0)
+    out.append(padded)
+  return out
+
+
+def _encode(field: str, qas: Sequence[qa_lib.QA], tokenizer, cfg: transformer.ModelConfig,
+            answer_eos: bool) -> data_lib.Encoded:
+  pairs = []
+  for q in qas:
+    where = f"{q.source}: line {q.line}"
+    try:
+      prompt = tok_lib.prompt_ids(tokenizer, q.prompt)
+      answer = tok_lib.encode_text(tokenizer, q.answer)
+    except ValueError as e:
+      raise _error(field, f"{where}: {e}") from e
+    if not answer:
+      raise _error(field, f"{where}: the answer {q.answer!r} encodes to no tokens")
+    if not prompt:
+      raise _error(field, f"{where}: the prompt {q.prompt!r} encodes to no tokens")
+    if cfg.pos == "learned" and len(prompt) + len(answer) + 1 > cfg.max_len:
+      raise _error(field, f"{where}: {len(prompt) + len(answer) + 1} tokens exceed the base "
+                   f"model's {cfg.max_len} positions")
+    pairs.append((prompt, answer))
+  rows = data_lib.encode(pairs, eos_id=tokenizer.eos_token_id,
+                         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                         else tokenizer.eos_token_id)
+  if not answer_eos:  # score the answer tokens only, not the EOS after them
+    rows["answer_len"] = rows["answer_len"] - 1
+  return rows
+
+
+def _mesh(study: RecyclePeftStudy):
+  if not study.shard:
+    return None
+  n = len(jax.devices())
+  return jax.make_mesh((n,), (shard_lib.FSDP_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def why_not(method: str, *, same_paths: bool, same_ranks: bool, has_fewshot: bool,
+            general_fits: str | None, has_general: bool) -> str | None:
+  """Why `method` does not apply to the adapters (None: it does)."""
+  if method in DATA_METHODS and not has_fewshot:
+    return "needs few-shot data (config.fewshot)"
+  if method == "genknowsub":
+    if not has_general:
+      return "needs general adapters (config.general)"
+    if general_fits:
+      return general_fits
+  if method in ROUTERS and not same_paths:
+    return "needs adapters with the same target modules (Arrow routes between them per layer)"
+  needs_rank = (method in merge_lib.PEFT_METHODS
+                and not merge_lib.PEFT_METHODS[method].mixed_ranks) or method == "lorahub"
+  if needs_rank and not same_ranks:
+    return "needs adapters of equal rank at every module (it combines A and B factor-wise)"
+  return None
+
+
+def load_inputs(study: RecyclePeftStudy) -> Inputs:
+  """Read and check every input file (ConfigError naming the field and file)."""
+  for field in ("base", "adapters", "eval"):
+    if not getattr(study, field):
+      raise _error(field, "is required (" + {
+          "base": "a local Hugging Face checkpoint directory",
+          "adapters": "comma-separated PEFT LoRA adapter directories",
+          "eval": "a JSONL file with one {\"prompt\": ..., \"answer\": ...} per line"}[field]
+          + ")")
+  try:
+    eval_qa = qa_lib.read(study.eval)
+  except ValueError as e:
+    raise _error("eval", str(e)) from e
+  fewshot_qa = []
+  if study.fewshot:
+    try:
+      fewshot_qa = qa_lib.read(study.fewshot)
+    except ValueError as e:
+      raise _error("fewshot", str(e)) from e
+    shared = qa_lib.overlap(eval_qa, fewshot_qa)
+    if shared:
+      x, y = shared[0]
+      raise _error("fewshot", f"{y.source}: line {y.line} asks the same prompt as {x.source}: "
+                   f"line {x.line} ({len(shared)} shared prompts); few-shot data must be "
+                   "disjoint from the evaluation questions")
+  paths = split_paths(study.adapters)
+  if len(set(paths)) != len(paths):
+    raise _error("adapters", f"lists a directory twice: {paths}")
+  if study.weights and len(study.weights) != len(paths):
+    raise _error("weights", f"has {len(study.weights)} weights for {len(paths)} adapters; give "
+                 "one per adapter (or () for 1.0 each)")
+  base = pathlib.Path(study.base)
+  if not (base / "config.json").is_file():
+    raise _error("base", f"{study.base!r} is not a checkpoint directory with a config.json")
+  try:
+    cfg, params, tokenizer = hf.load_checkpoint(base, study.dtype, _mesh(study))
+    arch = hf.infer_arch(cfg)
+  except ValueError as e:
+    raise _error("base", f"{study.base!r}: {e}") from e
+  if tokenizer.eos_token_id is None:
+    raise _error("base", f"the tokenizer in {study.base!r} has no EOS token")
+  own = [_read_adapter("adapters", i, p, params, arch) for i, p in enumerate(paths)]
+  general_own = [_read_adapter("general", i, p, params, arch)
+                 for i, p in enumerate(split_paths(study.general))]
+  targets = [sorted(ad) for ad in own]
+  flat = tree_lib.flatten(params)
+  smallest = min(min(flat[p].shape) for t in targets for p in t)
+  if study.svd_rank > smallest:
+    raise _error("svd_rank", f"{study.svd_rank} exceeds {smallest}, the smallest dimension of an "
+                 "adapted kernel")
+  same_paths = all(t == targets[0] for t in targets)
+  adapters = _pad_to_union(own)
+  same_ranks = all(len({ad[p].rank for ad in adapters}) == 1 for p in adapters[0])
+  general_fits = None
+  if general_own:
+    everything = own + general_own
+    if any(sorted(ad) != targets[0] for ad in everything):
+      general_fits = "needs general adapters with the task adapters' target modules"
+    elif not all(len({ad[p].rank for ad in everything}) == 1 for p in targets[0]):
+      general_fits = ("needs general adapters of the task adapters' rank (PEFT subtracts the "
+                      "mean A and B factor-wise)")
+  reasons = {m: why_not(m, same_paths=same_paths, same_ranks=same_ranks,
+                        has_fewshot=bool(fewshot_qa), general_fits=general_fits,
+                        has_general=bool(general_own)) for m in METHODS}
+  applicable = [m for m in METHODS if reasons[m] is None]
+  if study.methods:
+    for m in study.methods:
+      if reasons[m] is not None:
+        raise _error("methods", f"{m!r} does not apply: it {reasons[m]}; methods that apply to "
+                     f"these adapters: {applicable}")
+    methods = list(study.methods)
+  else:
+    methods = applicable
+  if study.export and reasons[study.export] is not None:
+    raise _error("export", f"{study.export!r} does not apply: it {reasons[study.export]}; "
+                 f"exportable methods that apply: {[m for m in EXPORTABLE if m in applicable]}")
+  if study.export and study.export not in methods:
+    methods.append(study.export)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+      tokenizer.eos_token_id)
+  eval_rows = _encode("eval", eval_qa, tokenizer, cfg, study.answer_eos)
+  fewshot_rows = (_encode("fewshot", fewshot_qa, tokenizer, cfg, study.answer_eos)
+                  if fewshot_qa else None)
+  names = []
+  for p in paths:
+    name = pathlib.Path(p).resolve().name or "adapter"
+    names.append(name if name not in names else f"{name}_{len(names)}")
+  weights = np.asarray(study.weights or [1.0] * len(paths), np.float32)
+  return Inputs(cfg, arch, params, tokenizer, names, adapters, targets, general_own, eval_qa,
+                eval_rows, fewshot_qa, fewshot_rows, weights, methods,
+                {m: r for m, r in reasons.items() if r is not None}, pad_id)
+
+
+# ------------------------------------------------------------------------------- models
+
+
+@dataclasses.dataclass
+class Model:
+  name: str
+  kind: str  # base | single | merge | router
+  lora: lora_lib.LoraMix | None
+  data_free: bool = True
+  adapter: lora_lib.Adapter | None = None  # the merged adapter (exportable)
+  extra: dict = dataclasses.field(default_factory=dict)
+
+
+def merge_options(study: RecyclePeftStudy, method: str) -> dict[str, Any]:
+  """PEFT's keyword arguments of `add_weighted_adapter` for `method`, from the config."""
+  if method not in merge_lib.PEFT_METHODS:
+    return {}
+  opts: dict[str, Any] = {}
+  info = merge_lib.PEFT_METHODS[method]
+  if "density" in info.options and method not in ("linear", "cat", "svd"):
+    opts["density"] = study.density
+  if info.random:
+    opts["key"] = jax.random.key(study.seed)
+  if "svd_rank" in info.options and study.svd_rank:
+    opts["svd_rank"] = study.svd_rank
+  return opts
+
+
+def merged_adapter(study: RecyclePeftStudy, inputs: Inputs, method: str) -> lora_lib.Adapter:
+  """The adapter a merge method gives (PEFT flavour for PEFT's types, else default)."""
+  flavor = "peft" if method in merge_lib.PEFT_METHODS else "default"
+  result = merge_lib.merge(inputs.adapters, method, inputs.weights, flavor=flavor,
+                           **merge_options(study, method))
+  return result.adapter
+
+
+def _centroids(study: RecyclePeftStudy, inputs: Inputs) -> tuple[jax.Array, list[int]]:
+  """[K, D] centroids of the few-shot prompts each adapter answers best (lowest answer NLL);
+  an adapter that wins none gets a zero centroid (cosine 0 with every query)."""
+  rows = inputs.fewshot_rows
+  losses = np.stack([
+      eval_lib.teacher_forced(inputs.params, inputs.cfg, rows, lora=lora_lib.LoraMix.single(ad),
+                              batch_size=study.batch_size, pad_id=inputs.pad_id)["loss"]
+      for ad in inputs.adapters])  # [K, N]
+  best = np.argmin(losses, axis=0)
+  emb = np.concatenate([
+      np.asarray(route_lib.prompt_embeddings(inputs.params, inputs.cfg,
+                                             jnp.asarray(rows["tokens"][i:i + study.batch_size]),
+                                             jnp.asarray(rows["prompt_len"][i:i + study.batch_size])))
+      for i in range(0, len(best), study.batch_size)])
+  cents = np.zeros((len(inputs.adapters), emb.shape[1]), np.float32)
+  counts = []
+  for k in range(len(inputs.adapters)):
+    chosen = best == k
+    counts.append(int(chosen.sum()))
+    if chosen.any():
+      cents[k] = emb[chosen].mean(0)
+  return jnp.asarray(cents), counts
+
+
+def build_models(study: RecyclePeftStudy, inputs: Inputs) -> list[Model]:
+  models = [Model("base", "base", None)]
+  for name, ad in zip(inputs.names, inputs.adapters):
+    models.append(Model(f"adapter:{name}", "single", lora_lib.LoraMix.single(ad),
+                        extra={"rank": max(f.rank for f in ad.values())}))
+  k = len(inputs.adapters)
+  for method in inputs.methods:
+    if method in PEFT_MERGES + DEFAULT_MERGES:
+      ad = merged_adapter(study, inputs, method)
+      models.append(Model(method, "merge", lora_lib.LoraMix.single(ad), adapter=ad,
+                          extra={"flavor": "peft" if method in PEFT_MERGES else "default",
+                                 "rank": max(f.rank for f in ad.values())}))
+    elif method == "arrow":
+      mix = route_lib.arrow_router(inputs.adapters, top_k=min(study.arrow_top_k, k),
+                                   temperature=study.arrow_temperature)
+      models.append(Model(method, "router", mix))
+    elif method == "genknowsub":
+      mix = route_lib.genknowsub_router(inputs.adapters, inputs.general,
+                                        top_k=min(study.arrow_top_k, k),
+                                        temperature=study.arrow_temperature)
+      models.append(Model(method, "router", mix, extra={"general": len(inputs.general)}))
+    elif method == "lorahub":
+      batch = {n: jnp.asarray(v)
+               for n, v in data_lib.lm_batch(inputs.fewshot_rows, "answer").items()}
+      found = lorahub_lib.lorahub_search(
+          inputs.params, inputs.adapters, batch, jax.random.key(study.seed), cfg=inputs.cfg,
+          config=lorahub_lib.LoraHubConfig(generations=study.lorahub_generations))
+      ad = found.adapter(inputs.adapters)
+      models.append(Model(method, "merge", lora_lib.LoraMix.single(ad), data_free=False,
+                          adapter=ad, extra={"weights": [float(w) for w in found.weights]}))
+    elif method == "similarity":
+      cents, counts = _centroids(study, inputs)
+      rows = inputs.eval_rows
+      mix = route_lib.similarity_mix(inputs.params, inputs.cfg, inputs.adapters, cents,
+                                     rows["tokens"], rows["prompt_len"],
+                                     top_k=min(study.similarity_top_k, k))
+      models.append(Model(method, "router", mix, data_free=False,
+                          extra={"fewshot_wins": counts}))
+  return models
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def score_model(study: RecyclePeftStudy, inputs: Inputs, model: Model) -> dict[str, np.ndarray]:
+  """Per question: exact [N], loglik [N] (summed over answer tokens), tokens [N]."""
+  out = eval_lib.teacher_forced(inputs.params, inputs.cfg, inputs.eval_rows, lora=model.lora,
+                                batch_size=study.batch_size, pad_id=inputs.pad_id)
+  return {"exact": out["exact"].astype(bool), "loglik": -out["loss"] * out["tokens"],
+          "tokens": out["tokens"]}
+
+
+def records_for(model: Model, scores: Mapping[str, np.ndarray],
+                groups: Sequence[str]) -> list[dict[str, Any]]:
+  """One record for all questions and one per group."""
+  groups_arr = np.asarray(groups)
+  names = ["all"] + (sorted(set(groups)) if len(set(groups)) > 1 else [])
+  out = []
+  for g in names:
+    sel = np.ones(len(groups), bool) if g == "all" else groups_arr == g
+    tokens = float(scores["tokens"][sel].sum())
+    rec = {"study": "recycle_peft", "method": model.name, "kind": model.kind, "group": g,
+           "n": int(sel.sum()), "exact_match": float(scores["exact"][sel].mean()),
+           "answer_loglik": float(scores["loglik"][sel].mean()),
+           "nll_per_token": float(-scores["loglik"][sel].sum() / max(tokens, 1.0)),
+           "data_free": model.data_free}
+    if model.extra:
+      rec["extra"] = model.extra
+    out.append(rec)
+  return out
+
+
+# ------------------------------------------------------------------------------ outputs
+
+
+def _atomic_dir(final: pathlib.Path, write) -> None:
+  """Call write(tmp_dir), then put tmp_dir at `final` (replacing an older one)."""
+  final.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+  try:
+    write(tmp)
+    if final.exists():
+      old = final.with_name(f".{final.name}.old")
+      shutil.rmtree(old, ignore_errors=True)
+      os.replace(final, old)
+      os.replace(tmp, final)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, final)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def export_adapter(study: RecyclePeftStudy, inputs: Inputs, adapter: lora_lib.Adapter,
+                   workdir: pathlib.Path) -> pathlib.Path:
+  """The merged adapter as a PEFT directory `<workdir>/export/<method>/` (written atomically)."""
+  final = workdir / "export" / study.export
+  host = {p: lora_lib.LoraFactors(np.asarray(jax.device_get(f.a), np.float32),
+                                  np.asarray(jax.device_get(f.b), np.float32), f.scale)
+          for p, f in adapter.items()}
+  _atomic_dir(final, lambda d: ipeft.save_adapter(
+      host, d, arch=inputs.arch, num_layers=inputs.cfg.n_layers,
+      base_model_name_or_path=str(pathlib.Path(study.base).resolve())))
+  return final
+
+
+def _save_figure(fig, path: pathlib.Path) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+  os.close(fd)
+  try:
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def plot(records: Sequence[Mapping[str, Any]], workdir: pathlib.Path) -> list[str]:
+  """figures/exact_match.png and figures/answer_loglik.png: one bar per method (all groups)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = [r for r in records if r["group"] == "all"]
+  colors = {"base": "0.5", "single": "tab:blue", "merge": "tab:orange", "router": "tab:green"}
+  written = []
+  for metric, label in (("exact_match", "exact match"), ("answer_loglik", "answer log-lik")):
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(rows) + 1.5), 3.4))
+    ax.bar(range(len(rows)), [r[metric] for r in rows],
+           color=[colors[r["kind"]] for r in rows])
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r["method"] for r in rows], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(label)
+    if metric == "exact_match":
+      ax.set_ylim(0, 1)
+    ax.set_title(f"{label} on the evaluation questions (grey base, blue single adapters, "
+                 "orange merges, green routers)", fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, workdir / "figures" / f"{metric}.png")
+    plt.close(fig)
+    written.append(f"figures/{metric}.png")
+  return written
+
+
+def report_text(study: RecyclePeftStudy, inputs: Inputs, records: Sequence[Mapping[str, Any]],
+                figures: Sequence[str], exported: pathlib.Path | None,
+                workdir: pathlib.Path) -> str:
+  groups = sorted({r["group"] for r in records} - {"all"})
+  lines = ["# Recycling your PEFT adapters", "",
+           f"Base `{study.base}` ({inputs.arch}, {transformer.num_params(inputs.params):,} "
+           f"parameters, {study.dtype}); {len(inputs.eval_qa)} questions from `{study.eval}`"
+           + (f" in groups {groups}" if groups else "") + ".", "",
+           "| adapter | directory | modules | rank |", "|---|---|---|---|"]
+  for name, path, tg, ad in zip(inputs.names, split_paths(study.adapters), inputs.targets,
+                                inputs.adapters):
+    ranks = sorted({ad[p].rank for p in tg})
+    lines.append(f"| {name} | `{path}` | {len(tg)} | {', '.join(map(str, ranks))} |")
+  lines += ["", f"Merge weights: {inputs.weights.tolist()}. Exact match: the greedy "
+            "continuation starts with the answer" + (" and EOS" if study.answer_eos else "")
+            + " (teacher-forced argmax at every answer token). Answer log-lik: log p(answer | "
+            "prompt), summed over its tokens, mean over questions.", ""]
+  header = "| method | kind | data-free | exact match | answer log-lik | NLL/token |"
+  sep = "|---|---|---|---|---|---|"
+  for g in groups:
+    header += f" {g} |"
+    sep += "---|"
+  lines += [header, sep]
+  by = {(r["method"], r["group"]): r for r in records}
+  for r in (r for r in records if r["group"] == "all"):
+    row = (f"| {r['method']} | {r['kind']} | {'yes' if r['data_free'] else 'no'} | "
+           f"{r['exact_match']:.3f} | {r['answer_loglik']:.3f} | {r['nll_per_token']:.3f} |")
+    for g in groups:
+      row += f" {by[(r['method'], g)]['exact_match']:.3f} |"
+    lines.append(row)
+  if groups:
+    lines += ["", "Per-group columns: exact match."]
+  if inputs.skipped:
+    lines += ["", "Methods that do not apply to these adapters:", ""]
+    lines += [f"- `{m}`: {why}" for m, why in inputs.skipped.items()]
+  if exported is not None:
+    lines += ["", f"Exported `{study.export}` as a PEFT adapter: `{exported.relative_to(workdir)}` "
+              "(load with `PeftModel.from_pretrained(base_model, path)`)."]
+  lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
+  lines += ["", "Numbers are for these questions only; with few questions, differences of a "
+            "few points are noise. `results.jsonl` holds every record."]
+  return "\n".join(lines) + "\n"
+
+
+def main(config, workdir: pathlib.Path) -> None:
+  study = parse(config)
+  workdir = pathlib.Path(workdir)
+  timings: dict[str, float] = {}
+  start = time.time()
+  with common.stage("read inputs", timings):
+    inputs = load_inputs(study)
+  common.log(f"{len(inputs.adapters)} adapters, {len(inputs.eval_qa)} questions, methods "
+             f"{inputs.methods}" + (f"; not applicable: {sorted(inputs.skipped)}"
+                                    if inputs.skipped else ""))
+  # Pre-flight diagnostics (issue 16, `lora_limits/preflight.py`) belong here: every input is
+  # read and checked, nothing is written yet, no model has been evaluated.
+  common.write_json(workdir / "config.json", schema.to_dict(study))
+  with common.stage("merges and routers", timings):
+    models = build_models(study, inputs)
+  records = []
+  groups = [q.group for q in inputs.eval_qa]
+  with common.stage(f"evaluate {len(models)} models", timings):
+    progress = common.Progress("evaluate", len(models), every=2.0)
+    for i, model in enumerate(models):
+      records += records_for(model, score_model(study, inputs, model), groups)
+      progress.update(i + 1, model.name)
+  exported = None
+  if study.export:
+    adapter = next(m.adapter for m in models if m.name == study.export)
+    exported = export_adapter(study, inputs, adapter, workdir)
+    common.log(f"exported {study.export} to {exported}")
+  figures = plot(records, workdir)
+  common.write_jsonl(workdir / "results.jsonl", records)
+  common.atomic_write_text(workdir / "report.md",
+                           report_text(study, inputs, records, figures, exported, workdir))
+  timings["total"] = round(time.time() - start, 2)
+  common.write_json(workdir / "timings.json", timings)
+  best = max((r for r in records if r["group"] == "all"), key=lambda r: r["exact_match"])
+  common.log(f"{len(records)} records in {workdir / 'results.jsonl'}; best exact match "
+             f"{best['exact_match']:.3f} ({best['method']})")
