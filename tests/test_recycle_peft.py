@@ -48,9 +48,9 @@ FEWSHOT = [("what is two plus two ?", "four", "math"),
            ("the capital of france is", "paris", "geo"),
            ("the colour of sky is", "blue", "colour")]
 ADAPTERS = {  # name: (seed, LoraConfig kwargs)
-    "geo": (1, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
-    "math": (2, dict(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])),
-    "colour": (3, dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "geo": (1, dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])),
+    "math": (2, dict(r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"])),
+    "colour": (3, dict(r=4, lora_alpha=16, target_modules=["q_proj", "down_proj"])),
 }
 
 
@@ -275,7 +275,7 @@ def test_different_target_modules_say_which_methods_still_apply(world, other_ada
   study = study_lib.parse(_config(world, adapters=c.adapters, export="cat"))
   inputs = study_lib.load_inputs(study)
   adapter = study_lib.merged_adapter(study, inputs, "cat")
-  assert len(adapter) == 2 * 3 + 2 * 2  # q, v, down (geo) ∪ k, up (other) on 2 layers
+  assert len(adapter) == 2 * 2 + 2 * 2  # q, down (geo) ∪ k, up (other) on 2 layers
 
 
 def test_user_errors_exit_2_with_one_line_for_every_study(world, tmp_path):

@@ -344,6 +344,12 @@ def load_inputs(study: RecyclePeftStudy) -> Inputs:
 # ------------------------------------------------------------------------------- models
 
 
+def _single(adapter: lora_lib.Adapter) -> lora_lib.LoraMix:
+  """A one-adapter mix with the scale folded into b: the scale is static jit metadata, so
+  adapters of one rank then share a compilation whatever their alpha."""
+  return lora_lib.LoraMix.single(lora_lib.fold_scale(adapter))
+
+
 @dataclasses.dataclass
 class Model:
   name: str
@@ -382,7 +388,7 @@ def _centroids(study: RecyclePeftStudy, inputs: Inputs) -> tuple[jax.Array, list
   an adapter that wins none gets a zero centroid (cosine 0 with every query)."""
   rows = inputs.fewshot_rows
   losses = np.stack([
-      eval_lib.teacher_forced(inputs.params, inputs.cfg, rows, lora=lora_lib.LoraMix.single(ad),
+      eval_lib.teacher_forced(inputs.params, inputs.cfg, rows, lora=_single(ad),
                               batch_size=study.batch_size, pad_id=inputs.pad_id)["loss"]
       for ad in inputs.adapters])  # [K, N]
   best = np.argmin(losses, axis=0)
@@ -404,13 +410,13 @@ def _centroids(study: RecyclePeftStudy, inputs: Inputs) -> tuple[jax.Array, list
 def build_models(study: RecyclePeftStudy, inputs: Inputs) -> list[Model]:
   models = [Model("base", "base", None)]
   for name, ad in zip(inputs.names, inputs.adapters):
-    models.append(Model(f"adapter:{name}", "single", lora_lib.LoraMix.single(ad),
+    models.append(Model(f"adapter:{name}", "single", _single(ad),
                         extra={"rank": max(f.rank for f in ad.values())}))
   k = len(inputs.adapters)
   for method in inputs.methods:
     if method in PEFT_MERGES + DEFAULT_MERGES:
       ad = merged_adapter(study, inputs, method)
-      models.append(Model(method, "merge", lora_lib.LoraMix.single(ad), adapter=ad,
+      models.append(Model(method, "merge", _single(ad), adapter=ad,
                           extra={"flavor": "peft" if method in PEFT_MERGES else "default",
                                  "rank": max(f.rank for f in ad.values())}))
     elif method == "arrow":
@@ -429,7 +435,7 @@ def build_models(study: RecyclePeftStudy, inputs: Inputs) -> list[Model]:
           inputs.params, inputs.adapters, batch, jax.random.key(study.seed), cfg=inputs.cfg,
           config=lorahub_lib.LoraHubConfig(generations=study.lorahub_generations))
       ad = found.adapter(inputs.adapters)
-      models.append(Model(method, "merge", lora_lib.LoraMix.single(ad), data_free=False,
+      models.append(Model(method, "merge", _single(ad), data_free=False,
                           adapter=ad, extra={"weights": [float(w) for w in found.weights]}))
     elif method == "similarity":
       cents, counts = _centroids(study, inputs)
