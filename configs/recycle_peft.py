@@ -12,8 +12,10 @@ and --config.shard=True (FSDP over every accelerator).
 Eval / few-shot files: one {"prompt": ..., "answer": ...[, "group": ...]} JSON object per line.
 Expected: W/results.jsonl (one record per method and group), W/report.md (a table of exact
 match and answer log-likelihood for the base, each adapter, every merge and router),
-W/figures/. Measured on the test's tiny random Llama (tests/test_recycle_peft.py), the whole
-command takes well under a minute on 2 CPU cores.
+W/figures/. Measured 2026-12-02 on the tiny random Llama of tests/test_recycle_peft.py (3
+adapters, 8 questions, the 13 methods that apply without few-shot data, export=ties): 50 s of
+CPU (user) on this 2-core machine, most of it compiling the merges; wall time was 7m40s only
+because the machine was shared at a load average of ~18.
 """
 
 import dataclasses

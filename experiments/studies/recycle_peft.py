@@ -392,11 +392,10 @@ def _centroids(study: RecyclePeftStudy, inputs: Inputs) -> tuple[jax.Array, list
                               batch_size=study.batch_size, pad_id=inputs.pad_id)["loss"]
       for ad in inputs.adapters])  # [K, N]
   best = np.argmin(losses, axis=0)
-  emb = np.concatenate([
-      np.asarray(route_lib.prompt_embeddings(inputs.params, inputs.cfg,
-                                             jnp.asarray(rows["tokens"][i:i + study.batch_size]),
-                                             jnp.asarray(rows["prompt_len"][i:i + study.batch_size])))
-      for i in range(0, len(best), study.batch_size)])
+  chunks = [slice(i, i + study.batch_size) for i in range(0, len(best), study.batch_size)]
+  emb = np.concatenate([np.asarray(route_lib.prompt_embeddings(
+      inputs.params, inputs.cfg, jnp.asarray(rows["tokens"][c]),
+      jnp.asarray(rows["prompt_len"][c]))) for c in chunks])
   cents = np.zeros((len(inputs.adapters), emb.shape[1]), np.float32)
   counts = []
   for k in range(len(inputs.adapters)):
