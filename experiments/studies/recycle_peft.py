@@ -601,8 +601,8 @@ def main(config, workdir: pathlib.Path) -> None:
   workdir = pathlib.Path(workdir)
   timings: dict[str, float] = {}
   start = time.time()
-  with common.stage("read inputs", timings):
-    inputs = load_inputs(study)
+  inputs = load_inputs(study)  # no stage line before it: a refusal is one line on stderr
+  timings["read inputs"] = round(time.time() - start, 2)
   common.log(f"{len(inputs.adapters)} adapters, {len(inputs.eval_qa)} questions, methods "
              f"{inputs.methods}" + (f"; not applicable: {sorted(inputs.skipped)}"
                                     if inputs.skipped else ""))
