@@ -37,7 +37,7 @@ import numpy as np
 from experiments import common
 from experiments import schema
 from lora_limits import data as data_lib
-from lora_limits import evaluate as eval_lib
+from lora_limits import exact_match as eval_lib
 from lora_limits import lora as lora_lib
 from lora_limits import tokenizer as tok_lib
 from lora_limits import tree as tree_lib
