@@ -5,9 +5,10 @@ Run:
       --config.base=/path/to/hf_checkpoint --config.adapters=/path/a,/path/b \
       --config.eval=questions.jsonl
 Optional: --config.fewshot=shots.jsonl (LoraHub, similarity selection; disjoint from eval),
---config.general=/path/g1,/path/g2 (GenKnowSub), --config.methods='("ties","wudi","arrow")'
-(default: every method that applies to the adapters), --config.export=ties (writes that merge
-as a PEFT adapter to W/export/ties/), --config.weights='(1.0,-0.5)', --config.dtype=bfloat16
+--config.general=/path/g1,/path/g2 (GenKnowSub), --config.methods='("peft_ties","wudi","arrow")'
+(names of the recycler registry, `lora_limits.recycle.recyclers`; default: every method that
+applies to the adapters, PEFT flavour), --config.export=peft_ties (writes that merge as a PEFT
+adapter to W/export/peft_ties/), --config.weights='(1.0,-0.5)', --config.dtype=bfloat16
 and --config.shard=True (FSDP over every accelerator).
 Eval / few-shot files: one {"prompt": ..., "answer": ...[, "group": ...]} JSON object per line.
 Expected: W/results.jsonl (one record per method and group), W/report.md (a table of exact

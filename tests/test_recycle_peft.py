@@ -29,6 +29,7 @@ from lora_limits import tokenizer as tok_lib  # noqa: E402
 from lora_limits import tree as tree_lib  # noqa: E402
 from lora_limits.interop import qa as qa_lib  # noqa: E402
 from lora_limits.models import transformer  # noqa: E402
+from lora_limits.recycle import recyclers  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -153,16 +154,16 @@ def _run_command(world, workdir, *extra):
 
 def test_the_command_runs_end_to_end_and_the_export_loads_in_peft(world, tmp_path):
   workdir = tmp_path / "w"
-  records = _run_command(world, workdir, "--config.export=ties",
-                         '--config.methods=("ties","wudi","arrow")')
+  records = _run_command(world, workdir, "--config.export=peft_ties",
+                         '--config.methods=("peft_ties","wudi","arrow")')
   assert {r["method"] for r in records} == {"base", "adapter:geo", "adapter:math",
-                                             "adapter:colour", "ties", "wudi", "arrow"}
-  assert json.loads((workdir / "config.json").read_text())["export"] == "ties"
+                                             "adapter:colour", "peft_ties", "wudi", "arrow"}
+  assert json.loads((workdir / "config.json").read_text())["export"] == "peft_ties"
   # The exported adapter gives PEFT the logits of our merged model.
-  study = study_lib.parse(_config(world, export="ties"))
+  study = study_lib.parse(_config(world, export="peft_ties"))
   inputs = study_lib.load_inputs(study)
-  ours = _our_logits(inputs, study_lib.merged_adapter(study, inputs, "ties"))
-  theirs = _peft_logits(world["base"], workdir / "export" / "ties")
+  ours = _our_logits(inputs, study_lib.merged_adapter(study, inputs, "peft_ties"))
+  theirs = _peft_logits(world["base"], workdir / "export" / "peft_ties")
   assert np.abs(ours - _our_logits(inputs, {})).max() > 1e-2  # the merge does something
   assert np.abs(ours - theirs).max() <= 1e-4
 
@@ -173,12 +174,12 @@ def test_every_method_runs_end_to_end(world, tmp_path):
   records = _run_command(world, tmp_path / "w", f"--config.fewshot={world['fewshot']}",
                          f"--config.general={world['adapters']['colour']}",
                          "--config.lorahub_generations=2")
-  assert {r["method"] for r in records} >= set(study_lib.METHODS)
+  assert {r["method"] for r in records} >= set(study_lib.default_methods())
 
 
 @pytest.mark.parametrize("method", [
-    "cat", "wudi", pytest.param("svd", marks=pytest.mark.slow),
-    pytest.param("dare_linear", marks=pytest.mark.slow)])
+    "peft_cat", "wudi", pytest.param("peft_svd", marks=pytest.mark.slow),
+    pytest.param("peft_dare_linear", marks=pytest.mark.slow)])
 def test_exported_merges_give_peft_our_logits(world, tmp_path, method):
   study = study_lib.parse(_config(world, export=method, weights=(1.0, -0.5, 0.7)))
   inputs = study_lib.load_inputs(study)
@@ -244,9 +245,29 @@ def test_bad_inputs_are_config_errors_before_anything_is_written(world, tmp_path
     assert list(workdir.iterdir()) == [], overrides
 
 
+def test_a_newly_registered_recycler_reaches_the_study():
+  """The study's methods are the recycler registry's (less those needing gold labels)."""
+  def build(res, opts):
+    del opts
+    return recyclers.Recycled(res.params)
+
+  recyclers.register(recyclers.Recycler("mine_for_byo", build))
+  try:
+    assert "mine_for_byo" in study_lib.methods()
+    assert "mine_for_byo" in study_lib.default_methods()
+    study_lib.parse(ml_collections.ConfigDict({"methods": ("mine_for_byo",)}))
+  finally:
+    recyclers.unregister("mine_for_byo")
+  assert "mine_for_byo" not in study_lib.methods()
+  assert {"wudi", "genknowsub", "arrow", "lorahub", "similarity", "peft_ties"} <= set(
+      study_lib.methods())
+  assert "oracle" not in study_lib.methods()  # user questions have no gold adapter labels
+  assert "ties" not in study_lib.default_methods()  # PEFT flavour by default
+
+
 def test_export_of_a_router_is_refused_by_the_parser(world):
   with pytest.raises(schema.ConfigError, match=r"export='arrow' is a router.*does not produce a "
-                     r"mergeable adapter; allowed: '' or one of \['linear'"):
+                     r"mergeable adapter; allowed: '' or one of \[.*'peft_linear'"):
     study_lib.parse(_config(world, export="arrow"))
 
 
@@ -280,25 +301,27 @@ def test_different_target_modules_say_which_methods_still_apply(world, other_ada
   assert "arrow" in inputs.skipped and "arrow" not in inputs.methods
   # Zero padding leaves one rank per module (4 where geo adapts, 2 where other does), so
   # even the factor-wise types apply.
-  assert {"linear", "ties", "cat", "svd", "ties_svd", "wudi"} <= set(inputs.methods)
+  assert {"peft_linear", "peft_ties", "peft_cat", "peft_svd", "peft_ties_svd", "wudi"} <= set(
+      inputs.methods)
   with pytest.raises(schema.ConfigError, match=r"'arrow' does not apply: it needs adapters "
                      r"with the same target modules.*methods that apply to these adapters: "
-                     r"\['linear', 'ties'"):
+                     r"\[.*'peft_linear', 'peft_ties'"):
     study_lib.load_inputs(study_lib.parse(_config(
         world, adapters=c.adapters, methods=("arrow",))))
   # Zero-padded modules are exactly PEFT's: the cat merge exports and loads with our logits.
-  study = study_lib.parse(_config(world, adapters=c.adapters, export="cat"))
+  study = study_lib.parse(_config(world, adapters=c.adapters, export="peft_cat"))
   inputs = study_lib.load_inputs(study)
-  adapter = study_lib.merged_adapter(study, inputs, "cat")
+  adapter = study_lib.merged_adapter(study, inputs, "peft_cat")
   assert len(adapter) == 2 * 2 + 2 * 2  # q, down (geo) ∪ k, up (other) on 2 layers
 
 
 def test_factorwise_methods_need_one_rank_per_module():
   flags = dict(same_paths=True, has_fewshot=True, general_fits=None, has_general=True)
-  for m in ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune", "lorahub"):
+  for m in ("peft_linear", "peft_ties", "peft_dare_ties", "peft_dare_linear",
+            "peft_magnitude_prune", "uniform_factors", "lorahub"):
     assert "equal rank" in study_lib.why_not(m, same_ranks=False, **flags)
     assert study_lib.why_not(m, same_ranks=True, **flags) is None
-  for m in ("cat", "svd", "ties_svd", "wudi", "arrow", "similarity"):
+  for m in ("peft_cat", "peft_svd", "peft_ties_svd", "wudi", "arrow", "similarity"):
     assert study_lib.why_not(m, same_ranks=False, **flags) is None
 
 
@@ -333,7 +356,7 @@ def test_sharded_base_scores_like_the_unsharded_one(world):
   assert len(jax.devices()) == 4
   scores = {}
   for shard in (False, True):
-    study = study_lib.parse(_config(world, shard=shard, methods=("ties",)))
+    study = study_lib.parse(_config(world, shard=shard, methods=("peft_ties",)))
     inputs = study_lib.load_inputs(study)
     if shard:
       kernel = tree_lib.flatten(inputs.params)["layers/0/attn/q_proj/kernel"]

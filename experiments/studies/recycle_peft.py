@@ -6,10 +6,12 @@ Run:
 
 Loads the base (`interop.hf.load_checkpoint`: Llama/Qwen2/Mistral/GPT-2; `dtype`, and FSDP
 sharding over every device with `shard=True`) and each adapter (`interop.peft.load_adapter`),
-then evaluates the base, every adapter alone, every merge (PEFT's `add_weighted_adapter`
-combination types, flavour 'peft', and WUDI) and every router (Arrow, GenKnowSub + Arrow with
-`general` adapters; LoraHub and similarity selection with `fewshot` data) on the questions of
-`eval`: teacher-forced exact match (the greedy continuation starts with the answer) and the
+then evaluates the base, every adapter alone and every method of the recycler registry
+(`lora_limits.recycle.recyclers`, so a newly registered recycler is one here too) that fits:
+the merges (PEFT's `add_weighted_adapter` combination types as `peft_<type>`; by default the
+zoo's own merges only where PEFT has no such type, e.g. WUDI) and the routers (Arrow,
+GenKnowSub + Arrow with `general` adapters; LoraHub and similarity selection with `fewshot`
+data) on the questions of `eval`: teacher-forced exact match (the greedy continuation starts with the answer) and the
 answer's log-likelihood. Writes `config.json`, `results.jsonl` (one record per method and
 group), `report.md`, `figures/`, `timings.json` and, with `export=METHOD`, that merge as a
 PEFT adapter directory `export/METHOD/` (loads with `PeftModel.from_pretrained`).
@@ -27,7 +29,7 @@ import pathlib
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -46,17 +48,29 @@ from lora_limits.interop import peft as ipeft
 from lora_limits.interop import qa as qa_lib
 from lora_limits.interop import shard as shard_lib
 from lora_limits.models import transformer
-from lora_limits.recycle import lorahub as lorahub_lib
 from lora_limits.recycle import merge as merge_lib
+from lora_limits.recycle import recyclers
 from lora_limits.recycle import route as route_lib
 
-PEFT_MERGES = tuple(merge_lib.PEFT_METHODS)  # PEFT's add_weighted_adapter combination types
-DEFAULT_MERGES = ("wudi",)  # our zoo's own data-free merges (flavour 'default')
-ROUTERS = ("arrow", "genknowsub")
-DATA_METHODS = ("lorahub", "similarity")  # need `fewshot`
-METHODS = PEFT_MERGES + DEFAULT_MERGES + ROUTERS + DATA_METHODS
-EXPORTABLE = PEFT_MERGES + DEFAULT_MERGES + ("lorahub",)  # those whose result is one adapter
+PROVIDED = frozenset({"shots", "centroids", "general"})  # no gold labels for user questions
+SAME_MODULES = frozenset({"arrow", "genknowsub"})  # route between adapters per layer
+FACTORWISE = frozenset({"lorahub", "genknowsub"})  # registered recyclers that combine A, B
 DTYPES = ("float32", "bfloat16")
+
+
+def methods() -> dict[str, recyclers.Recycler]:
+  """{name: Recycler}: the registry's methods this study can run (read at call time)."""
+  return {n: r for n, r in recyclers.registry().items() if r.needs <= PROVIDED}
+
+
+def default_methods() -> list[str]:
+  """Every method, PEFT flavour: a merge that PEFT has too runs as `peft_<type>` only."""
+  return [n for n in methods() if not (n in merge_lib.METHODS and n in merge_lib.PEFT_METHODS)]
+
+
+def exportable() -> list[str]:
+  """The methods whose result is one LoRA adapter."""
+  return [n for n, r in methods().items() if r.gives_adapter]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +83,9 @@ class RecyclePeftStudy:
   eval: str = ""  # JSONL: {"prompt", "answer"[, "group"]} per line
   fewshot: str = ""  # optional JSONL, same format, disjoint from eval (LoraHub, similarity)
   general: str = ""  # optional comma-separated general adapters (GenKnowSub)
-  methods: tuple[str, ...] = ()  # () = every method that applies to these adapters
+  methods: tuple[str, ...] = ()  # () = every method that applies, PEFT flavour
   export: str = ""  # a merge method whose adapter is written to <workdir>/export/<method>/
-  weights: tuple[float, ...] = ()  # one merge weight per adapter; () = 1.0 each
+  weights: tuple[float, ...] = ()  # one merge weight per adapter; () = each merge's default
   dtype: str = "float32"
   shard: bool = False  # FSDP-shard the base over every device
   batch_size: int = 16
@@ -87,16 +101,22 @@ class RecyclePeftStudy:
   def __post_init__(self):
     if self.study != "recycle_peft":
       raise ValueError(f"config.study must be 'recycle_peft', got {self.study!r}")
+    table = methods()
     for m in self.methods:
-      if m not in METHODS:
-        raise ValueError(f"config.methods has {m!r}; allowed: {list(METHODS)}")
+      if m not in table:
+        raise ValueError(f"config.methods has {m!r}; allowed: {sorted(table)}")
     if len(set(self.methods)) != len(self.methods):
       raise ValueError(f"config.methods repeats a method: {self.methods}")
-    if self.export and self.export not in EXPORTABLE:
-      why = ("a router, which mixes adapters per token or query and does not produce a "
-             "mergeable adapter" if self.export in METHODS else "not a method")
+    if self.export and not (self.export in table and table[self.export].gives_adapter):
+      if self.export in merge_lib.METHODS:
+        why = "a merge into dense updates, which does not produce a mergeable adapter"
+      elif self.export in table:
+        why = ("a router, which mixes adapters per token or query and does not produce a "
+               "mergeable adapter")
+      else:
+        why = "not a method"
       raise ValueError(f"config.export={self.export!r} is {why}; allowed: '' or one of "
-                       f"{list(EXPORTABLE)}")
+                       f"{exportable()}")
     if self.dtype not in DTYPES:
       raise ValueError(f"config.dtype={self.dtype!r} is not one of {list(DTYPES)}")
     for name in ("batch_size", "arrow_top_k", "lorahub_generations", "similarity_top_k"):
@@ -139,7 +159,7 @@ class Inputs:
   eval_rows: data_lib.Encoded
   fewshot_qa: list[qa_lib.QA]
   fewshot_rows: data_lib.Encoded | None
-  weights: np.ndarray
+  weights: tuple[float, ...] | None  # None: each merge's default
   methods: list[str]
   skipped: dict[str, str]  # method -> why it does not apply
   pad_id: int
@@ -229,21 +249,30 @@ def _mesh(study: RecyclePeftStudy):
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
+def _mixed_ranks(method: str) -> bool:
+  """Whether `method` accepts adapters of different ranks at a module."""
+  if method in merge_lib.METHODS:
+    return merge_lib.METHODS[method].mixed_ranks
+  peft_name = method.removeprefix(recyclers.PEFT_PREFIX)
+  if method.startswith(recyclers.PEFT_PREFIX) and peft_name in merge_lib.PEFT_METHODS:
+    return merge_lib.PEFT_METHODS[peft_name].mixed_ranks
+  return method not in FACTORWISE
+
+
 def why_not(method: str, *, same_paths: bool, same_ranks: bool, has_fewshot: bool,
             general_fits: str | None, has_general: bool) -> str | None:
   """Why `method` does not apply to the adapters (None: it does)."""
-  if method in DATA_METHODS and not has_fewshot:
+  needs = recyclers.get(method).needs
+  if needs & {"shots", "centroids"} and not has_fewshot:
     return "needs few-shot data (config.fewshot)"
-  if method == "genknowsub":
+  if "general" in needs:
     if not has_general:
       return "needs general adapters (config.general)"
     if general_fits:
       return general_fits
-  if method in ROUTERS and not same_paths:
+  if method in SAME_MODULES and not same_paths:
     return "needs adapters with the same target modules (Arrow routes between them per layer)"
-  needs_rank = (method in merge_lib.PEFT_METHODS
-                and not merge_lib.PEFT_METHODS[method].mixed_ranks) or method == "lorahub"
-  if needs_rank and not same_ranks:
+  if not same_ranks and not _mixed_ranks(method):
     return "needs adapters of equal rank at every module (it combines A and B factor-wise)"
   return None
 
@@ -311,21 +340,21 @@ def load_inputs(study: RecyclePeftStudy) -> Inputs:
                       "mean A and B factor-wise)")
   reasons = {m: why_not(m, same_paths=same_paths, same_ranks=same_ranks,
                         has_fewshot=bool(fewshot_qa), general_fits=general_fits,
-                        has_general=bool(general_own)) for m in METHODS}
-  applicable = [m for m in METHODS if reasons[m] is None]
+                        has_general=bool(general_own)) for m in methods()}
+  applicable = [m for m in methods() if reasons[m] is None]
   if study.methods:
     for m in study.methods:
       if reasons[m] is not None:
         raise _error("methods", f"{m!r} does not apply: it {reasons[m]}; methods that apply to "
                      f"these adapters: {applicable}")
-    methods = list(study.methods)
+    chosen = list(study.methods)
   else:
-    methods = applicable
+    chosen = [m for m in default_methods() if reasons[m] is None]
   if study.export and reasons[study.export] is not None:
     raise _error("export", f"{study.export!r} does not apply: it {reasons[study.export]}; "
-                 f"exportable methods that apply: {[m for m in EXPORTABLE if m in applicable]}")
-  if study.export and study.export not in methods:
-    methods.append(study.export)
+                 f"exportable methods that apply: {[m for m in exportable() if m in applicable]}")
+  if study.export and study.export not in chosen:
+    chosen.append(study.export)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
       tokenizer.eos_token_id)
   eval_rows = _encode("eval", eval_qa, tokenizer, cfg, study.answer_eos)
@@ -335,9 +364,9 @@ def load_inputs(study: RecyclePeftStudy) -> Inputs:
   for p in paths:
     name = pathlib.Path(p).resolve().name or "adapter"
     names.append(name if name not in names else f"{name}_{len(names)}")
-  weights = np.asarray(study.weights or [1.0] * len(paths), np.float32)
+  weights = tuple(float(w) for w in study.weights) or None
   return Inputs(cfg, arch, params, tokenizer, names, adapters, targets, general_own, eval_qa,
-                eval_rows, fewshot_qa, fewshot_rows, weights, methods,
+                eval_rows, fewshot_qa, fewshot_rows, weights, chosen,
                 {m: r for m, r in reasons.items() if r is not None}, pad_id)
 
 
@@ -354,33 +383,56 @@ def _single(adapter: lora_lib.Adapter) -> lora_lib.LoraMix:
 class Model:
   name: str
   kind: str  # base | single | merge | router
-  lora: lora_lib.LoraMix | None
+  recycled: recyclers.Recycled
   data_free: bool = True
-  adapter: lora_lib.Adapter | None = None  # the merged adapter (exportable)
   extra: dict = dataclasses.field(default_factory=dict)
 
 
-def merge_options(study: RecyclePeftStudy, method: str) -> dict[str, Any]:
-  """PEFT's keyword arguments of `add_weighted_adapter` for `method`, from the config."""
-  if method not in merge_lib.PEFT_METHODS:
-    return {}
+def method_options(study: RecyclePeftStudy, method: str, num_adapters: int,
+                   num_fewshot: int) -> dict[str, Any]:
+  """The registry options of `method` that the config sets (the others keep their defaults)."""
+  accepts = recyclers.get(method).options
   opts: dict[str, Any] = {}
-  info = merge_lib.PEFT_METHODS[method]
-  if "density" in info.options and method not in ("linear", "cat", "svd"):
+  if "density" in accepts and method.removeprefix(recyclers.PEFT_PREFIX) not in (
+      "linear", "cat", "svd"):
     opts["density"] = study.density
-  if info.random:
-    opts["key"] = jax.random.key(study.seed)
-  if "svd_rank" in info.options and study.svd_rank:
-    opts["svd_rank"] = study.svd_rank
+  for name in ("svd_rank", "rank"):
+    if name in accepts and study.svd_rank:
+      opts[name] = study.svd_rank
+  if "top_k" in accepts:
+    top_k = study.similarity_top_k if method == "similarity" else study.arrow_top_k
+    opts["top_k"] = min(top_k, num_adapters)
+  if "temperature" in accepts:
+    opts["temperature"] = study.arrow_temperature
+  if "generations" in accepts:
+    opts["generations"] = study.lorahub_generations
+  if "shots" in accepts and num_fewshot:
+    opts["shots"] = num_fewshot
   return opts
 
 
+def resources(study: RecyclePeftStudy, inputs: Inputs,
+              centroids: jax.Array | None = None) -> recyclers.Resources:
+  return recyclers.Resources(
+      params=inputs.params, cfg=inputs.cfg, adapters=tuple(inputs.adapters),
+      names=tuple(inputs.names), seed=study.seed, tokenizer=inputs.tokenizer,
+      shots=tuple(inputs.fewshot_qa), centroids=centroids, general=tuple(inputs.general),
+      weights=inputs.weights)
+
+
+def recycle(study: RecyclePeftStudy, inputs: Inputs, method: str,
+            res: recyclers.Resources | None = None) -> recyclers.Recycled:
+  """Runs registry method `method` on the inputs."""
+  return recyclers.recycle(method, res or resources(study, inputs), method_options(
+      study, method, len(inputs.adapters), len(inputs.fewshot_qa)))
+
+
 def merged_adapter(study: RecyclePeftStudy, inputs: Inputs, method: str) -> lora_lib.Adapter:
-  """The adapter a merge method gives (PEFT flavour for PEFT's types, else default)."""
-  flavor = "peft" if method in merge_lib.PEFT_METHODS else "default"
-  result = merge_lib.merge(inputs.adapters, method, inputs.weights, flavor=flavor,
-                           **merge_options(study, method))
-  return result.adapter
+  """The adapter a merge method gives (ValueError for a method that makes none)."""
+  adapter = recycle(study, inputs, method).adapter
+  if adapter is None:
+    raise ValueError(f"{method!r} does not produce a mergeable adapter")
+  return adapter
 
 
 def _centroids(study: RecyclePeftStudy, inputs: Inputs) -> tuple[jax.Array, list[int]]:
@@ -406,45 +458,32 @@ def _centroids(study: RecyclePeftStudy, inputs: Inputs) -> tuple[jax.Array, list
   return jnp.asarray(cents), counts
 
 
-def build_models(study: RecyclePeftStudy, inputs: Inputs) -> list[Model]:
-  models = [Model("base", "base", None)]
+def build_models(study: RecyclePeftStudy, inputs: Inputs) -> Iterator[Model]:
+  """The base, each adapter alone, then each method (built one at a time, as iterated, so
+  that one merged copy of the base is alive at once)."""
+  yield Model("base", "base", recyclers.Recycled(inputs.params))
   for name, ad in zip(inputs.names, inputs.adapters):
-    models.append(Model(f"adapter:{name}", "single", _single(ad),
-                        extra={"rank": max(f.rank for f in ad.values())}))
-  k = len(inputs.adapters)
+    yield Model(f"adapter:{name}", "single", recyclers.Recycled(inputs.params, mix=_single(ad)),
+                extra={"rank": max(f.rank for f in ad.values())})
+  table = recyclers.registry()
+  extra_of = {}
+  cents = None
+  if any("centroids" in table[m].needs for m in inputs.methods):
+    cents, counts = _centroids(study, inputs)
+    extra_of["centroids"] = {"fewshot_wins": counts}
+  res = resources(study, inputs, cents)
   for method in inputs.methods:
-    if method in PEFT_MERGES + DEFAULT_MERGES:
-      ad = merged_adapter(study, inputs, method)
-      models.append(Model(method, "merge", _single(ad), adapter=ad,
-                          extra={"flavor": "peft" if method in PEFT_MERGES else "default",
-                                 "rank": max(f.rank for f in ad.values())}))
-    elif method == "arrow":
-      mix = route_lib.arrow_router(inputs.adapters, top_k=min(study.arrow_top_k, k),
-                                   temperature=study.arrow_temperature)
-      models.append(Model(method, "router", mix))
-    elif method == "genknowsub":
-      mix = route_lib.genknowsub_router(inputs.adapters, inputs.general,
-                                        top_k=min(study.arrow_top_k, k),
-                                        temperature=study.arrow_temperature)
-      models.append(Model(method, "router", mix, extra={"general": len(inputs.general)}))
-    elif method == "lorahub":
-      batch = {n: jnp.asarray(v)
-               for n, v in data_lib.lm_batch(inputs.fewshot_rows, "answer").items()}
-      found = lorahub_lib.lorahub_search(
-          inputs.params, inputs.adapters, batch, jax.random.key(study.seed), cfg=inputs.cfg,
-          config=lorahub_lib.LoraHubConfig(generations=study.lorahub_generations))
-      ad = found.adapter(inputs.adapters)
-      models.append(Model(method, "merge", _single(ad), data_free=False,
-                          adapter=ad, extra={"weights": [float(w) for w in found.weights]}))
-    elif method == "similarity":
-      cents, counts = _centroids(study, inputs)
-      rows = inputs.eval_rows
-      mix = route_lib.similarity_mix(inputs.params, inputs.cfg, inputs.adapters, cents,
-                                     rows["tokens"], rows["prompt_len"],
-                                     top_k=min(study.similarity_top_k, k))
-      models.append(Model(method, "router", mix, data_free=False,
-                          extra={"fewshot_wins": counts}))
-  return models
+    entry = table[method]
+    recycled = recycle(study, inputs, method, res)
+    extra = dict(recycled.extra)
+    for need in entry.needs:
+      extra.update(extra_of.get(need, {}))
+    routed = recycled.mix is not None or recycled.route is not None
+    if method in merge_lib.METHODS or method.startswith(recyclers.PEFT_PREFIX):
+      extra["flavor"] = "default" if method in merge_lib.METHODS else "peft"
+    if recycled.adapter is not None:
+      extra["rank"] = max(f.rank for f in recycled.adapter.values())
+    yield Model(method, "router" if routed else "merge", recycled, entry.data_free, extra)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -452,7 +491,9 @@ def build_models(study: RecyclePeftStudy, inputs: Inputs) -> list[Model]:
 
 def score_model(study: RecyclePeftStudy, inputs: Inputs, model: Model) -> dict[str, np.ndarray]:
   """Per question: exact [N], loglik [N] (summed over answer tokens), tokens [N]."""
-  out = eval_lib.teacher_forced(inputs.params, inputs.cfg, inputs.eval_rows, lora=model.lora,
+  recycled = model.recycled
+  out = eval_lib.teacher_forced(recycled.params, inputs.cfg, inputs.eval_rows,
+                                lora=recycled.lora_for(inputs.eval_qa),
                                 batch_size=study.batch_size, pad_id=inputs.pad_id)
   return {"exact": out["exact"].astype(bool), "loglik": -out["loss"] * out["tokens"],
           "tokens": out["tokens"]}
@@ -565,7 +606,8 @@ def report_text(study: RecyclePeftStudy, inputs: Inputs, records: Sequence[Mappi
                                 inputs.adapters):
     ranks = sorted({ad[p].rank for p in tg})
     lines.append(f"| {name} | `{path}` | {len(tg)} | {', '.join(map(str, ranks))} |")
-  lines += ["", f"Merge weights: {inputs.weights.tolist()}. Exact match: the greedy "
+  lines += ["", "Merge weights: " + (f"{list(inputs.weights)}" if inputs.weights else
+                                       "each merge's default") + ". Exact match: the greedy "
             "continuation starts with the answer" + (" and EOS" if study.answer_eos else "")
             + " (teacher-forced argmax at every answer token). Answer log-lik: log p(answer | "
             "prompt), summed over its tokens, mean over questions.", ""]
@@ -609,19 +651,18 @@ def main(config, workdir: pathlib.Path) -> None:
   # Pre-flight diagnostics (issue 16, `lora_limits/preflight.py`) belong here: every input is
   # read and checked, nothing is written yet, no model has been evaluated.
   common.write_json(workdir / "config.json", schema.to_dict(study))
-  with common.stage("merges and routers", timings):
-    models = build_models(study, inputs)
   records = []
   groups = [q.group for q in inputs.eval_qa]
-  with common.stage(f"evaluate {len(models)} models", timings):
-    progress = common.Progress("evaluate", len(models), every=2.0)
-    for i, model in enumerate(models):
-      records += records_for(model, score_model(study, inputs, model), groups)
-      progress.update(i + 1, model.name)
   exported = None
-  if study.export:
-    adapter = next(m.adapter for m in models if m.name == study.export)
-    exported = export_adapter(study, inputs, adapter, workdir)
+  count = 1 + len(inputs.adapters) + len(inputs.methods)
+  with common.stage(f"recycle and evaluate {count} models", timings):
+    progress = common.Progress("evaluate", count, every=2.0)
+    for i, model in enumerate(build_models(study, inputs)):
+      records += records_for(model, score_model(study, inputs, model), groups)
+      if model.name == study.export:
+        exported = export_adapter(study, inputs, model.recycled.adapter, workdir)
+      progress.update(i + 1, model.name)
+  if exported is not None:
     common.log(f"exported {study.export} to {exported}")
   figures = plot(records, workdir)
   common.write_jsonl(workdir / "results.jsonl", records)

@@ -9,7 +9,8 @@ params; a fixed mix; or, for a per-query router, a mix built from the queries).
 `registry()` is the list of methods: every merge in `merge.METHODS` (its own name) and
 `merge.PEFT_METHODS` (`peft_<name>`), read at call time so a merge added to either table
 is a recycler with no other edit, plus the recyclers added with `register` (Arrow, oracle,
-similarity, LoraHub, and any new one). A method is data-free iff its entry needs nothing.
+similarity, GenKnowSub, LoraHub, and any new one). A method is data-free iff its entry needs
+none of `DATA_NEEDS` (GenKnowSub needs general adapters, not data).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from lora_limits.recycle import merge as merge_lib
 from lora_limits.recycle import route as route_lib
 from lora_limits.tasks import common as task_common
 
-NEEDS = ("shots", "labels", "centroids")
+NEEDS = ("shots", "labels", "centroids", "general")
+DATA_NEEDS = ("shots", "labels", "centroids")
 PEFT_PREFIX = "peft_"
 _NOT_CONFIGURABLE = ("key", "masks")  # merge options that are arrays, set by the recycler
 
@@ -50,6 +52,8 @@ class Resources:
   shots: labelled examples of the target task a few-shot method may draw from ('shots').
   labels: queries → gold adapter indices [B, G] (−1 pads) ('labels').
   centroids: [K, D] mean prompt embedding of each adapter's training data ('centroids').
+  general: adapters of general knowledge that GenKnowSub subtracts ('general').
+  weights: [K] merge weights for the merges (None: each merge's default).
   """
 
   params: Any
@@ -61,6 +65,8 @@ class Resources:
   shots: tuple[task_common.Example, ...] = ()
   labels: Callable[[Examples], np.ndarray] | None = None
   centroids: jax.Array | None = None
+  general: tuple[lora_lib.Adapter, ...] = ()
+  weights: tuple[float, ...] | None = None
 
   @property
   def key(self) -> jax.Array:
@@ -73,11 +79,13 @@ class Recycled:
 
   mix: a fixed `LoraMix` (or None); route: queries → `LoraMix` for per-query routers.
   At most one of them is set. extra: what the method found (e.g. LoraHub's weights).
+  adapter: the merged adapter (LoRA factors) when the method makes one, e.g. to export.
   """
 
   params: Any
   mix: lora_lib.LoraMix | None = None
   route: Callable[[Examples], lora_lib.LoraMix] | None = None
+  adapter: lora_lib.Adapter | None = None
   extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
@@ -97,6 +105,7 @@ class Recycler:
   needs: the resources beyond the adapters it uses (a subset of `NEEDS`).
   options: the options it accepts, with their defaults.
   check: options → ValueError naming the option if a value is bad (called by `resolve`).
+  gives_adapter: its `Recycled.adapter` is set (one merged LoRA adapter, exportable).
   """
 
   name: str
@@ -105,6 +114,7 @@ class Recycler:
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   check: Callable[[Mapping[str, Any]], None] = lambda options: None
   doc: str = ""
+  gives_adapter: bool = False
 
   def __post_init__(self):
     unknown = sorted(set(self.needs) - set(NEEDS))
@@ -113,7 +123,7 @@ class Recycler:
 
   @property
   def data_free(self) -> bool:
-    return not self.needs
+    return not self.needs & set(DATA_NEEDS)
 
   def resolve(self, options: Mapping[str, Any]) -> dict[str, Any]:
     """`options` over the defaults; ValueError for an unknown option or a bad value."""
@@ -171,6 +181,8 @@ def recycle(name: str, resources: Resources, options: Mapping[str, Any] | None =
       raise ValueError(f"recycler {name!r} needs few-shot examples (Resources.shots)")
     if need in ("labels", "centroids") and getattr(resources, need) is None:
       raise ValueError(f"recycler {name!r} needs Resources.{need}")
+    if need == "general" and not resources.general:
+      raise ValueError(f"recycler {name!r} needs general adapters (Resources.general)")
   return entry.build(resources, opts)
 
 
@@ -185,14 +197,14 @@ def _merge_recycler(name: str, flavor: str) -> Recycler:
     kwargs = dict(opts)
     if info.random:
       kwargs["key"] = res.key
-    result = merge_lib.merge(list(res.adapters), name, flavor=flavor, **kwargs)
-    return Recycled(result.apply(res.params))
+    result = merge_lib.merge(list(res.adapters), name, res.weights, flavor=flavor, **kwargs)
+    return Recycled(result.apply(res.params), adapter=result.adapter)
 
   def check(opts: Mapping[str, Any]) -> None:
     merge_lib.resolve_options(info, dict(opts, key=jax.random.key(0)) if info.random else opts)
 
   return Recycler(PEFT_PREFIX + name if flavor == "peft" else name, build, frozenset(),
-                  options, check, info.doc)
+                  options, check, info.doc, gives_adapter=info.kind == "factors")
 
 
 # ------------------------------------------------------------------------ option checks
@@ -216,6 +228,13 @@ def _arrow(res: Resources, opts: Mapping[str, Any]) -> Recycled:
   mix = route_lib.arrow_router(list(res.adapters), top_k=min(opts["top_k"], len(res.adapters)),
                                temperature=opts["temperature"])
   return Recycled(res.params, mix=mix)
+
+
+def _genknowsub(res: Resources, opts: Mapping[str, Any]) -> Recycled:
+  mix = route_lib.genknowsub_router(list(res.adapters), list(res.general),
+                                    top_k=min(opts["top_k"], len(res.adapters)),
+                                    temperature=opts["temperature"], mode=opts["mode"])
+  return Recycled(res.params, mix=mix, extra={"general": len(res.general)})
 
 
 def _oracle(res: Resources, opts: Mapping[str, Any]) -> Recycled:
@@ -248,14 +267,21 @@ def _lorahub(res: Resources, opts: Mapping[str, Any]) -> Recycled:
   found = lorahub_lib.lorahub_search(
       res.params, adapters, batch, res.key, cfg=res.cfg,
       config=lorahub_lib.LoraHubConfig(generations=opts["generations"]))
-  merged = lora_lib.merge(res.params, found.adapter(adapters))
-  return Recycled(merged, extra={"weights": [float(w) for w in found.weights]})
+  adapter = found.adapter(adapters)
+  return Recycled(lora_lib.merge(res.params, adapter), adapter=adapter,
+                  extra={"weights": [float(w) for w in found.weights]})
 
 
 def _check_top_k_temperature(opts: Mapping[str, Any]) -> None:
   _check_int("top_k", opts["top_k"])
   if "temperature" in opts:
     _check_positive("temperature", opts["temperature"])
+
+
+def _check_genknowsub(opts: Mapping[str, Any]) -> None:
+  _check_top_k_temperature(opts)
+  if opts["mode"] not in route_lib.GKS_MODES:
+    raise ValueError(f"mode={opts['mode']!r} is not one of {list(route_lib.GKS_MODES)}")
 
 
 def _check_lorahub(opts: Mapping[str, Any]) -> None:
@@ -266,6 +292,9 @@ def _check_lorahub(opts: Mapping[str, Any]) -> None:
 register(Recycler("arrow", _arrow, frozenset(), {"top_k": 1, "temperature": 1.0},
                   _check_top_k_temperature,
                   "Arrow: per token and layer, the top-k adapters by |<v_k, x>| (unmerged)."))
+register(Recycler("genknowsub", _genknowsub, frozenset({"general"}),
+                  {"top_k": 1, "temperature": 1.0, "mode": "factors"}, _check_genknowsub,
+                  "GenKnowSub: Arrow over the task adapters less the mean general adapter."))
 register(Recycler("oracle", _oracle, frozenset({"labels"}), {}, doc=(
     "Each query runs with its gold adapter(s): an upper bound for any selector.")))
 register(Recycler("similarity", _similarity, frozenset({"centroids"}), {"top_k": 1},
@@ -273,4 +302,5 @@ register(Recycler("similarity", _similarity, frozenset({"centroids"}), {"top_k":
                   "Per query, the adapters whose training prompts are most similar."))
 register(Recycler("lorahub", _lorahub, frozenset({"shots"}),
                   {"generations": lorahub_lib.LoraHubConfig().generations, "shots": 16},
-                  _check_lorahub, "LoraHub: few-shot CMA-ES search of factor-wise weights."))
+                  _check_lorahub, "LoraHub: few-shot CMA-ES search of factor-wise weights.",
+                  gives_adapter=True))

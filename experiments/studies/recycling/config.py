@@ -129,6 +129,9 @@ class AdapterSection:
                              rslora=self.rslora, dropout=self.dropout)
 
 
+PROVIDED = frozenset({"shots", "labels", "centroids"})  # resources a recycler may get here
+
+
 @dataclasses.dataclass(frozen=True)
 class RecycleSection:
   """libraries: names of `LIBRARIES`; methods: names in the recycler registry
@@ -150,6 +153,10 @@ class RecycleSection:
     for m in self.methods:
       if m not in registry:
         raise ValueError(f"recycle.methods has {m!r}; allowed: {sorted(registry)}")
+      missing = sorted(registry[m].needs - PROVIDED)
+      if missing:
+        raise ValueError(f"recycle.methods has {m!r}, which needs {missing}; this study "
+                         f"provides {sorted(PROVIDED)}")
     smallest = min(len(LIBRARIES[lib]) for lib in LIBRARIES)
     for m, opts in self.options.items():
       if m not in registry:
