@@ -152,6 +152,7 @@ def _run_command(world, workdir, *extra):
   return records
 
 
+@pytest.mark.slow  # the acceptance command in a subprocess (~1 min on 2 busy cores)
 def test_the_command_runs_end_to_end_and_the_export_loads_in_peft(world, tmp_path):
   workdir = tmp_path / "w"
   records = _run_command(world, workdir, "--config.export=peft_ties",
@@ -325,6 +326,8 @@ def test_factorwise_methods_need_one_rank_per_module():
     assert study_lib.why_not(m, same_ranks=False, **flags) is None
 
 
+@pytest.mark.slow  # a subprocess per command (JAX start-up); see the in-process
+# test_a_user_error_is_one_line_and_exit_status_2_for_every_study in test_reliability_config
 def test_user_errors_exit_2_with_one_line_for_every_study(world, tmp_path):
   cases = [
       (["--config=configs/smoke.py", "--config.model.d_model=-3"], "model.d_model must be > 0"),

@@ -206,6 +206,8 @@ def test_every_field_refuses_bad_values(name):
         names.add(config.sweep.field)
       if not any(n in str(e) for n in names):
         failures.append(f"{field}={bad!r} ({kind}): message does not name the field: {e}")
+      if not isinstance(e, schema.ConfigError):  # experiments.run reports ConfigErrors only
+        failures.append(f"{field}={bad!r} ({kind}): a {type(e).__name__}, not a ConfigError")
     except Exception as e:  # noqa: BLE001 - anything but a ValueError is a failure here
       failures.append(f"{field}={bad!r} ({kind}): {type(e).__name__}: {e}")
     else:
@@ -220,7 +222,7 @@ def test_unknown_key_at_every_level_is_refused(name):
   parse, base = parser_for(config.study), config.to_dict()
   for where in mappings(base):
     bad = with_value(base, f"{where}.no_such_key" if where else "no_such_key", 1)
-    with pytest.raises(ValueError, match="no_such_key"):
+    with pytest.raises(schema.ConfigError, match="no_such_key"):
       parse(bad)
 
 
@@ -274,7 +276,8 @@ def test_study_main_refuses_before_writing_anything(study, tmp_path):
   module = importlib.import_module(f"experiments.studies.{study}")
   workdir = tmp_path / "work"
   workdir.mkdir()
-  with pytest.raises(ValueError, match=field.split(".")[-1]):
+  # A ConfigError (not only a ValueError): what experiments.run reports in one line, exit 2.
+  with pytest.raises(schema.ConfigError, match=field.split(".")[-1]):
     module.main(with_value(config, field, bad_values(value)["type"][0]), workdir)
   assert list(workdir.iterdir()) == []
 
@@ -295,3 +298,37 @@ def test_command_line_override_is_refused_before_compute(tmp_path):
   assert "recycle.options.ties: density=0.0 must be a number in (0, 1]" in proc.stderr
   assert "stage" not in proc.stderr  # no stage started
   assert not (tmp_path / "w" / "cache").exists()
+
+
+def _first_int_field(config: ml_collections.ConfigDict) -> str:
+  """The first int field of `config` whose negative values are refused."""
+  return next(f for f, v in leaves(config.to_dict()) if isinstance(v, int)
+              and not isinstance(v, bool) and not _allowed(config.study, f)
+              and not _ignored(config, f))
+
+
+STUDY_CONFIGS = {c.study: n for n, c in reversed(list(CONFIGS.items()))}  # first per study
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # config_flags
+@pytest.mark.parametrize("study", run_lib.available_studies())
+def test_a_user_error_is_one_line_and_exit_status_2_for_every_study(study, tmp_path, capsys):
+  """In process (no JAX start-up of a subprocess): `experiments.run` with a bad field of each
+  study prints `error: ...` naming the field, exits 2 and leaves no workdir behind."""
+  from absl import flags
+  name = STUDY_CONFIGS[study]
+  path, _, variant = name.partition(":")
+  field = _first_int_field(CONFIGS[name])
+  workdir = tmp_path / "w"
+  argv = ["run", f"--config={CONFIG_DIR / path}.py" + (f":{variant}" if variant else ""),
+          f"--workdir={workdir}", f"--config.{field}=-1"]
+  try:
+    with pytest.raises(SystemExit) as info:
+      run_lib.main(run_lib.parse_flags(argv))
+  finally:
+    flags.FLAGS.unparse_flags()
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert info.value.code == run_lib.USER_ERROR_STATUS, lines
+  assert len(lines) == 1 and lines[0].startswith("error: "), lines
+  assert field.split(".")[-1] in lines[0], lines
+  assert not workdir.exists()
