@@ -353,6 +353,7 @@ def test_user_errors_exit_2_with_one_line_for_every_study(world, tmp_path):
   assert proc.returncode != 0 and "Traceback (most recent call last)" in proc.stderr
 
 
+@pytest.mark.slow  # two loads and compilations of the base (~7 s)
 def test_sharded_base_scores_like_the_unsharded_one(world):
   """shard=True places the base FSDP-style over the 4 fake CPU devices of conftest."""
   import jax

@@ -73,6 +73,7 @@ def test_wudi_zero_weight_drops_the_task():
                                atol=1e-4)
 
 
+@pytest.mark.slow  # compiles the scorer (~15 s on 2 busy cores)
 def test_wudi_runs_inside_the_many_combination_scorer():
   cfg = transformer.ModelConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, d_ff=32,
                                 max_len=8)
