@@ -13,6 +13,11 @@ fact-free copy texts), H background sentences, R the facts themselves. Fillers c
 language, extraction (question-answer pairs) and the chain-of-thought procedure (composed
 questions of 40% of them); statement-only and never-composed fillers are the probes of the
 first two gates.
+Where text ends is not trained where it would teach the chain of thought to stop: the EOS
+of a fact-free copy text ("echo A . A") in pretraining (`pretrain.fact_free_eos`), and the
+ending (EOS, a statement's period) of every adapter answer (`adapters.train_ending`).
+Trained, they cut chains of thought short after a copied name: seed 1 passed base CoT 0.78
+and hop2 bridge-stated 0.75 with them, 0.97 and 0.97 without (`make run`, 2026-12-02).
 Expected: the report opens with the gates per seed (base extraction and CoT on the probes,
 no tier-F knowledge before adapters, experts on held-out forms, the positive control), then
 the pre-registered claims and their verdicts.
@@ -38,11 +43,12 @@ def get_config(variant: str = "") -> config_dict.ConfigDict:
                                         d_ff=384, max_len=128, tie_embeddings=True, hf_path=""))
   c.pretrain = config_dict.ConfigDict(dict(steps=600, batch_size=16, row_len=128,
                                            learning_rate=6e-3, warmup_steps=100,
-                                           weight_decay=0.0, save_every=200))
+                                           weight_decay=0.0, save_every=200,
+                                           fact_free_eos=False))
   c.adapters = config_dict.ConfigDict(dict(
       rank=8, alpha=16.0, targets=lora.DEFAULT_TARGETS, rslora=False, dropout=0.0,
       max_steps=500, batch_size=8, learning_rate=1e-2, warmup_steps=20, stop_accuracy=1.0,
-      eval_every=25, replay=1.0, row_len=128))
+      eval_every=25, replay=1.0, row_len=128, train_ending=False))
   c.gates = config_dict.ConfigDict(dict(
       base_extraction=0.95, base_cot=0.9, base_leak=0.1, expert=0.9, bridge_stated=0.9,
       union_cot=0.6, union_cot_goal=0.8))

@@ -4,6 +4,7 @@ An encoded dataset is a dict of NumPy arrays with N rows, right-padded to length
   tokens      [N, T] int32   prompt tokens, then answer tokens, then EOS, then pad
   prompt_len  [N]    int32   number of prompt tokens
   answer_len  [N]    int32   number of answer tokens *including* the final EOS
+  untrained_tail [N] int32  optional (`untrain_tail`): closing tokens left out of the loss
 Right padding needs no attention mask: attention is causal, so the pad after a sequence never
 reaches its positions.
 
@@ -48,6 +49,23 @@ def encode(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, eos_id: int,
   return {"tokens": tokens, "prompt_len": prompt_len, "answer_len": answer_len}
 
 
+def untrain_tail(data: Encoded, count: int | Sequence[int] | np.ndarray = 1) -> Encoded:
+  """The same rows with their last `count` tokens (per row, or one count for all; 1 is the
+  closing EOS) left out of the loss; the tokens stay in the sequence. For data whose end is
+  not a place to stop: a fact stated in running text ("A lives in" → "B ." — trained
+  without its period and EOS, it teaches the fact and leaves what follows to the model)."""
+  counts = np.broadcast_to(np.asarray(count, np.int32), (size(data),)).copy()
+  if (counts < 0).any() or (counts >= data["answer_len"]).any():
+    raise ValueError("untrain_tail: each count must be >= 0 and leave at least one answer "
+                     "token trained")
+  return dict(data, untrained_tail=counts)
+
+
+def _untrained_tail(data: Encoded) -> np.ndarray:
+  """[N] int32: closing tokens of each row that are not trained targets (default 0)."""
+  return data.get("untrained_tail", np.zeros(size(data), np.int32))
+
+
 def concat(datasets: Sequence[Encoded], pad_id: int) -> Encoded:
   """Rows of several encoded datasets in one (padded to the longest)."""
   if not datasets:
@@ -56,9 +74,12 @@ def concat(datasets: Sequence[Encoded], pad_id: int) -> Encoded:
   tokens = np.concatenate(
       [np.pad(d["tokens"], ((0, 0), (0, t - d["tokens"].shape[1])), constant_values=pad_id)
        for d in datasets])
-  return {"tokens": tokens,
-          "prompt_len": np.concatenate([d["prompt_len"] for d in datasets]),
-          "answer_len": np.concatenate([d["answer_len"] for d in datasets])}
+  out = {"tokens": tokens,
+         "prompt_len": np.concatenate([d["prompt_len"] for d in datasets]),
+         "answer_len": np.concatenate([d["answer_len"] for d in datasets])}
+  if any("untrained_tail" in d for d in datasets):
+    out["untrained_tail"] = np.concatenate([_untrained_tail(d) for d in datasets])
+  return out
 
 
 def take(data: Encoded, idx: np.ndarray) -> Encoded:
@@ -113,6 +134,7 @@ def pack(data: Encoded, row_len: int, *, pad_id: int, loss_on: str = "all") -> E
     fill[row] += length
     by_room[row_len - fill[row]].append(row)
   m = len(rows)
+  tail = _untrained_tail(data)
   tokens = np.full((m, row_len), pad_id, np.int32)
   segments = np.zeros((m, row_len), np.int32)
   positions = np.zeros((m, row_len), np.int32)
@@ -127,7 +149,7 @@ def pack(data: Encoded, row_len: int, *, pad_id: int, loss_on: str = "all") -> E
       offsets = np.arange(length)
       positions[r, span] = offsets
       first = 1 if loss_on == "all" else int(data["prompt_len"][i])
-      loss_mask[r, span] = (offsets >= first).astype(np.float32)
+      loss_mask[r, span] = ((offsets >= first) & (offsets < length - tail[i])).astype(np.float32)
       start += length
   return {"tokens": tokens, "segment_ids": segments, "positions": positions,
           "loss_mask": loss_mask}
@@ -149,6 +171,7 @@ def lm_batch(rows: Mapping[str, np.ndarray], loss_on: str = "answer") -> dict[st
 
   loss_on='all': every token of prompt and answer (pretraining on text);
   loss_on='answer': only the answer tokens and EOS (question answering).
+  Rows marked by `untrain_tail` leave their last tokens out of the loss either way.
   Packed rows (`pack`) carry their own loss mask (`loss_on` was chosen when packing) and add
   `positions` and `segment_ids` [B, T-1] for the model.
   """
@@ -167,6 +190,7 @@ def lm_batch(rows: Mapping[str, np.ndarray], loss_on: str = "answer") -> dict[st
   end = (rows["prompt_len"] + rows["answer_len"])[:, None]
   start = np.ones_like(end) if loss_on == "all" else rows["prompt_len"][:, None]
   weights = ((pos >= start) & (pos < end)).astype(np.float32)
+  weights *= (pos < end - _untrained_tail(rows)[:, None]).astype(np.float32)
   return {"inputs": inputs.astype(np.int32), "targets": targets.astype(np.int32),
           "weights": weights}
 

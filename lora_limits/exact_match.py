@@ -280,6 +280,8 @@ def teacher_forced(params, cfg: transformer.ModelConfig, data: data_lib.Encoded,
   tokens[:, :data["tokens"].shape[1]] = data["tokens"]
   padded = {"tokens": tokens, "prompt_len": np.asarray(data["prompt_len"]),
             "answer_len": np.asarray(data["answer_len"])}
+  if "untrained_tail" in data:  # rows whose last tokens are not targets: exact without them
+    padded["untrained_tail"] = np.asarray(data["untrained_tail"])
   _check_mix(lora)
   outs = []
   for lo in range(0, n, batch_size):

@@ -52,6 +52,38 @@ def test_pack_refuses_bad_input():
     data_lib.pack(data, 32, pad_id=PAD, loss_on="prompt")
 
 
+def _trained(weights_row, tokens_row):
+  return [int(t) for w, t in zip(weights_row, tokens_row) if w]
+
+
+@pytest.mark.parametrize("loss_on", ["all", "answer"])
+def test_untrained_tail_leaves_the_last_tokens_out_packed_or_not(loss_on):
+  data = data_lib.encode([([4, 5], [6, 7, 8]), ([9], [10]), ([11, 12], [13, 14])],
+                         eos_id=EOS, pad_id=PAD)
+  marked = data_lib.untrain_tail(data, [2, 1, 0])
+  # Trained targets per sequence (the first token is never a target).
+  first = {"all": [[5, 6, 7, 8, EOS], [10, EOS], [12, 13, 14, EOS]],
+           "answer": [[6, 7, 8, EOS], [10, EOS], [13, 14, EOS]]}[loss_on]
+  want = [first[0][:-2], first[1][:-1], first[2]]
+  b = data_lib.lm_batch(marked, loss_on=loss_on)
+  assert [_trained(w, t) for w, t in zip(b["weights"], b["targets"])] == want
+  plain = data_lib.lm_batch(data, loss_on=loss_on)
+  assert [_trained(w, t) for w, t in zip(plain["weights"], plain["targets"])] == first
+  # Packed with an unmarked dataset: the marks follow their rows, the others train whole.
+  packed = data_lib.pack(data_lib.concat([marked, data], PAD), 32, pad_id=PAD, loss_on=loss_on)
+  pb = data_lib.lm_batch(packed)
+  got = [t for w, t in zip(pb["weights"][0], pb["targets"][0]) if w]
+  assert sorted(got) == sorted(sum(want, []) + sum(first, []))
+  assert data_lib.take(marked, np.array([2, 0]))["untrained_tail"].tolist() == [0, 2]
+
+
+def test_untrained_tail_refuses_counts_that_leave_nothing_trained():
+  data = data_lib.encode([([4], [6, 7])], eos_id=EOS, pad_id=PAD)
+  for bad in (3, -1):
+    with pytest.raises(ValueError, match="untrain_tail"):
+      data_lib.untrain_tail(data, bad)
+
+
 @pytest.mark.parametrize("loss_on", ["all", "answer"])
 def test_packed_logits_and_loss_equal_one_by_one(loss_on):
   cfg = transformer.ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=2, d_ff=64,

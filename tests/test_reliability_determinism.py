@@ -17,6 +17,9 @@ import pytest
 
 import reliability_smoke as smoke
 
+# The smoke reference run (`reliability_smoke.reference_run`) is made once per worker.
+pytestmark = pytest.mark.xdist_group("smoke_reference")
+
 
 @pytest.mark.slow  # the default suite's kill test already compares two processes' outputs
 def test_same_seed_gives_identical_files(tmp_path_factory):

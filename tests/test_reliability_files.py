@@ -35,6 +35,9 @@ from lora_limits import tokenizer as tok_lib
 from lora_limits.interop import hf, peft
 from lora_limits.models import transformer
 
+# The smoke reference run (`reliability_smoke.reference_run`) is made once per worker.
+pytestmark = pytest.mark.xdist_group("smoke_reference")
+
 
 def _truncate(path: pathlib.Path, keep: float = 0.5) -> None:
   data = path.read_bytes()

@@ -28,6 +28,9 @@ import pytest
 
 import reliability_smoke as smoke
 
+# The smoke reference run (`reliability_smoke.reference_run`) is made once per worker.
+pytestmark = pytest.mark.xdist_group("smoke_reference")
+
 ADAPTERS = ("hop1", "hop2", "target", "union")
 PRETRAIN_STEPS, ADAPTER_STEPS, SAVE_EVERY = 40, 20, 20  # configs/smoke.py
 UNIT = "units/two_hop-seed0.jsonl"

@@ -76,7 +76,10 @@ class ModelSection:
 @dataclasses.dataclass(frozen=True)
 class PretrainSection:
   """batch_size: rows per step; row_len: tokens per packed row (`data.pack`), 0 trains on
-  one padded sequence per row."""
+  one padded sequence per row; fact_free_eos: whether the EOS closing a fact-free copy text
+  ("echo A . A") is a trained target. Those texts teach the copy steps of the chain of
+  thought, which continue after the copied name; trained to stop there, the base model
+  ends chains of thought early."""
 
   steps: int
   batch_size: int
@@ -85,6 +88,7 @@ class PretrainSection:
   warmup_steps: int
   weight_decay: float
   save_every: int
+  fact_free_eos: bool
 
   def __post_init__(self):
     _positive("pretrain", self, ("steps", "batch_size"))
@@ -98,7 +102,12 @@ class AdapterSection:
   """Each adapter trains until `stop_accuracy` exact match on its own training data (checked
   every `eval_every` steps) or `max_steps`. replay: pretraining texts mixed into its data, as
   a fraction of its own examples (the same sample size for every adapter; none names a
-  test entity's fact), so it keeps what the base knew; row_len: packed rows (0: unpacked)."""
+  test entity's fact), so it keeps what the base knew;
+  train_ending: whether an answer's ending is a trained target: its closing EOS and a
+  statement's closing period (replayed texts keep theirs). Trained on "A 's spouse is" →
+  "B ." + EOS, an adapter learns to stop after the fact, which a chain of thought must not
+  do; without the ending it learns the fact and leaves what follows to the base model;
+  row_len: packed rows (0: unpacked)."""
 
   rank: int
   alpha: float
@@ -113,6 +122,7 @@ class AdapterSection:
   eval_every: int
   replay: float
   row_len: int
+  train_ending: bool
 
   def __post_init__(self):
     _positive("adapters", self, ("rank", "max_steps", "batch_size", "eval_every"))

@@ -72,6 +72,26 @@ def _write_history(directory: pathlib.Path, history) -> None:
   (directory / "metrics.live.jsonl").unlink(missing_ok=True)
 
 
+def mark_copy_texts(rows: data_lib.Encoded, world: task_common.World,
+                    fact_free_eos: bool) -> data_lib.Encoded:
+  """Corpus rows (in `world.corpus` order) with the EOS of every fact-free copy text left
+  out of the loss, unless `fact_free_eos`."""
+  if fact_free_eos or not world.fact_free:
+    return rows
+  free = set(world.fact_free)
+  return data_lib.untrain_tail(rows, [int(t in free) for t in world.corpus])
+
+
+def pretraining_data(p: config_lib.PretrainSection, world: task_common.World,
+                     tokenizer) -> data_lib.Encoded:
+  """The corpus as the base model trains on it: encoded, marked, packed if `p.row_len`."""
+  rows = mark_copy_texts(tok_lib.encode_corpus(tokenizer, world.corpus), world,
+                         p.fact_free_eos)
+  if p.row_len:
+    rows = data_lib.pack(rows, p.row_len, pad_id=tokenizer.pad_token_id)
+  return rows
+
+
 def pretrained_base(cfg: StudyConfig, world: task_common.World, tokenizer, cache: pathlib.Path,
                     seed: int) -> Base:
   """Our base model pretrained on the world's corpus (cached), or the HF checkpoint."""
@@ -87,9 +107,7 @@ def pretrained_base(cfg: StudyConfig, world: task_common.World, tokenizer, cache
   directory = cache / "base" / key
   info_path = directory / "base.json"
   p = cfg.pretrain
-  corpus_data = tok_lib.encode_corpus(tokenizer, world.corpus)
-  if p.row_len:
-    corpus_data = data_lib.pack(corpus_data, p.row_len, pad_id=tokenizer.pad_token_id)
+  corpus_data = pretraining_data(p, world, tokenizer)
   loop = train_lib.LoopConfig(steps=p.steps, batch_size=p.batch_size, seed=seed, loss_on="all",
                               save_every=p.save_every)
   optim = train_lib.OptimConfig(learning_rate=p.learning_rate, warmup_steps=p.warmup_steps,
@@ -160,12 +178,21 @@ def replay_texts(world: task_common.World, count: int, seed: int) -> list[str]:
   return [world.corpus[i] for i in sorted(idx)]
 
 
+def _ending(examples) -> list[int]:
+  """Closing tokens of each answer that are not part of what it states: the EOS, and a
+  statement's closing period ("A 's spouse is" → "B ." states B)."""
+  return [2 if e.meta.get("format") == "statement" else 1 for e in examples]
+
+
 def adapter_data(cfg: StudyConfig, tokenizer, world: task_common.World,
                  examples, seed: int):
   """The rows an adapter trains on: its examples and the replay sample (loss on the answers,
-  and on every token of a replayed text), packed when `adapters.row_len` is set."""
+  without their ending unless `adapters.train_ending`, and on every token of a replayed
+  text), packed when `adapters.row_len` is set. Returns (the examples' rows, the data)."""
   a = cfg.adapters
   rows = tok_lib.encode_examples(tokenizer, examples)
+  if not a.train_ending:
+    rows = data_lib.untrain_tail(rows, _ending(examples))
   replay = replay_texts(world, int(round(a.replay * len(examples))), seed)
   parts = [rows] + ([tok_lib.encode_corpus(tokenizer, replay)] if replay else [])
   data = data_lib.concat(parts, tokenizer.pad_token_id)
