@@ -21,7 +21,7 @@ run: install
 	$(PY) -m experiments.run --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n auto --dist loadgroup
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
