@@ -32,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from bench import common  # noqa: E402
+from bench import packing  # noqa: E402
 from bench import report  # noqa: E402
 from bench import scaling  # noqa: E402
 from bench import scoring  # noqa: E402
@@ -39,11 +40,14 @@ from bench import training  # noqa: E402
 from bench import utilisation  # noqa: E402
 from lora_limits.models import transformer  # noqa: E402
 
-PARTS = ("scoring", "training", "utilisation", "scaling", "e2e")
+PARTS = ("scoring", "training", "utilisation", "scaling", "packing", "e2e")
 MODES = ("full", "quick", "tiny")
 E2E_CONFIG = "configs/two_hop.py"
 _TINY_MODEL = transformer.ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=48,
                                       max_len=16)
+# The smoke study's world sizes (configs/smoke.py): the packing part in tests.
+_TINY_WORLD = (("test_chains", 4), ("target_chains", 4), ("filler_chains", 24), ("pool_size", 4),
+               ("background_exposure", 1), ("fact_exposure", 1), ("filler_repeats", 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +102,8 @@ def sizes_for(mode: str, full_grid: bool = False) -> dict[str, Any]:
     if full_grid:
       grid = dataclasses.replace(grid, combinations=(grid.combinations[0],) * 2)
     return {"scoring": grid, "training": training.TrainingSizes(),
-            "utilisation": utilisation.UtilisationSizes(), "scaling": scaling.ScalingSizes()}
+            "utilisation": utilisation.UtilisationSizes(), "scaling": scaling.ScalingSizes(),
+            "packing": packing.PackingSizes()}
   if mode == "quick":
     default = transformer.ModelConfig()
     return {
@@ -113,7 +118,8 @@ def sizes_for(mode: str, full_grid: bool = False) -> dict[str, Any]:
         "scaling": scaling.ScalingSizes(num_combinations=(16, 256), num_adapters=(2, 8),
                                         rank=(8,), examples=(8,), d_model=(128,),
                                         chunk=(1, 64), chunk_points=((8, 64),), repeats=1,
-                                        budget_s=1.0)}
+                                        budget_s=1.0),
+        "packing": packing.PackingSizes(steps=3, repeats=2)}
   tiny = dict(model=_TINY_MODEL, seq_len=8)
   return {
       "scoring": scoring.ScoringSizes(**tiny, rank=2, num_adapters=(2,), examples=(2, 4),
@@ -131,7 +137,11 @@ def sizes_for(mode: str, full_grid: bool = False) -> dict[str, Any]:
                                       chunk_points=((2, 4),),
                                       base=(("num_combinations", 4), ("num_adapters", 2),
                                             ("rank", 2), ("examples", 2), ("d_model", 32)),
-                                      repeats=1, budget_s=0.5)}
+                                      repeats=1, budget_s=0.5),
+      "packing": packing.PackingSizes(padded_batch=4, packed_batch=2, row_len=64, steps=1,
+                                      repeats=1, world_overrides=_TINY_WORLD,
+                                      model_overrides=(("d_model", 32), ("n_layers", 1),
+                                                       ("n_heads", 2), ("d_ff", 48)))}
 
 
 def log(message: str) -> None:
@@ -244,6 +254,8 @@ def _run_part(part: str, sizes: dict[str, Any], scratch: pathlib.Path,
     return utilisation.run(sizes["utilisation"], scratch / "utilisation", log, quiet)
   if part == "scaling":
     return scaling.run(sizes["scaling"], log, quiet)
+  if part == "packing":
+    return packing.run(sizes["packing"], log, quiet)
   return e2e(options)
 
 

@@ -46,7 +46,7 @@ def test_results_have_every_part_and_target(tiny_run):
     assert cell["ours"]["combos_per_s"] > 0 and cell["ours"]["xla_temp_bytes"] > 0
   assert all(c["within_budget"] for c in scoring_part["memory_check"])
   assert [t["target"] for t in results["targets"]][0].startswith("few-shot")
-  assert len(results["targets"]) == 9
+  assert len(results["targets"]) == 10
   models = results["parts"]["training"]["models"]
   assert {"ours_lora", "ours_full", "torch_lora", "torch_full"} <= set(models["tiny"])
   profile = models["tiny"]["profile"]["ours_lora"]
@@ -57,6 +57,13 @@ def test_results_have_every_part_and_target(tiny_run):
       "num_combinations", "num_adapters", "rank", "examples", "d_model", "chunk"}
   e2e = results["parts"]["e2e"]
   assert e2e["found"] and e2e["stages"]["total"] == 42.0 and e2e["complete"] is False
+  pk = results["parts"]["packing"]
+  # Layout facts, not speed: packing computes fewer pad tokens, and each side measured its rate.
+  assert pk["packed_real_fraction"] > pk["padded_real_fraction"]
+  assert pk["packed"]["real_tokens_per_step"] > pk["padded"]["real_tokens_per_step"]
+  assert pk["ratio"] > 0 and pk["padded"]["real_tokens_per_s"] > 0
+  assert any(t["target"].startswith("packed pretraining") and t["met"] is not None
+             for t in results["targets"])
 
 
 def test_three_contenders_agree_on_scores_and_losses(tiny_run):
