@@ -68,3 +68,27 @@ def test_pretraining_trains_the_eos_of_copy_texts_only_when_asked(setting, fact_
     last = tokenizer.decode([t for w, t in zip(b["weights"][0], b["targets"][0]) if w][-1:])
     assert (last == eos) == (fact_free_eos or not kind), text
   assert seen == {True, False}
+
+
+def test_statements_trained_as_text_put_the_loss_on_every_word_after_the_first(setting):
+  c, _, tokenizer, world = setting
+  c = c.copy_and_resolve_references()
+  c.adapters.update(dict(statements="text", train_ending=False))
+  cfg = recycling.parse(c)
+  examples = stages.adapter_examples(world, "hop1")
+  _, data = stages.adapter_data(cfg, tokenizer, world, examples, seed=0)
+  checked = set()
+  for i, e in enumerate(examples):
+    fmt = e.meta["format"]
+    if fmt in checked:
+      continue
+    checked.add(fmt)
+    got = _targets(tokenizer, data, i).split()
+    if fmt == "statement":  # "A 's spouse is" → "B .": trained on "'s spouse is B"
+      assert got == (e.prompt.split() + e.answer.split())[1:-1], e
+    else:  # questions keep the answer alone
+      assert got == [e.meta["final"]], e
+  assert checked == {"statement", "direct"}
+  with pytest.raises(ValueError, match=r"adapters.statements='words' is not one of"):
+    c.adapters.statements = "words"
+    recycling.parse(c)

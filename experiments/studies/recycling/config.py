@@ -97,6 +97,9 @@ class PretrainSection:
       raise ValueError(f"pretrain.learning_rate must be > 0, got {self.learning_rate}")
 
 
+STATEMENT_LOSSES = ("answer", "text")
+
+
 @dataclasses.dataclass(frozen=True)
 class AdapterSection:
   """Each adapter trains until `stop_accuracy` exact match on its own training data (checked
@@ -107,7 +110,10 @@ class AdapterSection:
   statement's closing period (replayed texts keep theirs). Trained on "A 's spouse is" →
   "B ." + EOS, an adapter learns to stop after the fact, which a chain of thought must not
   do; without the ending it learns the fact and leaves what follows to the base model;
-  row_len: packed rows (0: unpacked)."""
+  statements: how a statement example ("A 's spouse is" → "B .") is trained: 'answer' (the
+  loss on its answer) or 'text' (on every word after the first, as pretraining trains a
+  text, so the adapter also learns what is said after its subject); row_len: packed rows
+  (0: unpacked)."""
 
   rank: int
   alpha: float
@@ -123,9 +129,13 @@ class AdapterSection:
   replay: float
   row_len: int
   train_ending: bool
+  statements: str
 
   def __post_init__(self):
     _positive("adapters", self, ("rank", "max_steps", "batch_size", "eval_every"))
+    if self.statements not in STATEMENT_LOSSES:
+      raise ValueError(f"adapters.statements={self.statements!r} is not one of "
+                       f"{list(STATEMENT_LOSSES)}")
     _non_negative("adapters", self, ("warmup_steps", "replay", "row_len"))
     if not 0.0 < self.stop_accuracy <= 1.0:
       raise ValueError(f"adapters.stop_accuracy must be in (0, 1], got {self.stop_accuracy}")

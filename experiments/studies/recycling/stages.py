@@ -184,12 +184,22 @@ def _ending(examples) -> list[int]:
   return [2 if e.meta.get("format") == "statement" else 1 for e in examples]
 
 
+def _as_text(e: task_common.Example) -> task_common.Example:
+  """A statement example trained as text: its first word the prompt, the rest the answer."""
+  if e.meta.get("format") != "statement":
+    return e
+  first, rest = e.prompt.split(" ", 1) if " " in e.prompt else (e.prompt, "")
+  return task_common.Example(first, f"{rest} {e.answer}".strip(), e.meta)
+
+
 def adapter_data(cfg: StudyConfig, tokenizer, world: task_common.World,
                  examples, seed: int):
   """The rows an adapter trains on: its examples and the replay sample (loss on the answers,
   without their ending unless `adapters.train_ending`, and on every token of a replayed
   text), packed when `adapters.row_len` is set. Returns (the examples' rows, the data)."""
   a = cfg.adapters
+  if a.statements == "text":
+    examples = [_as_text(e) for e in examples]
   rows = tok_lib.encode_examples(tokenizer, examples)
   if not a.train_ending:
     rows = data_lib.untrain_tail(rows, _ending(examples))
