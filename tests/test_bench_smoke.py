@@ -86,7 +86,8 @@ def test_markdown_and_figures_are_written(tiny_run):
   root, results = tiny_run
   text = (root / "B.md").read_text()
   for heading in ("## Targets", "## 1. Scoring", "## 2. LoRA training", "## 3. Utilisation",
-                  "## 4. Scaling", "## 5. End to end", "## What bounds the results"):
+                  "## 4. Scaling", "## 5. Packed pretraining", "## 6. End to end",
+                  "## What bounds the results"):
     assert heading in text
   assert results["machine"]["cpu_model"] in text and "pytest tiny run" in text
   assert "partial" in text  # the e2e timings cover seed 0 of seeds [0, 1]
@@ -132,7 +133,7 @@ def test_bad_options_are_refused():
   with pytest.raises(ValueError, match="one list per examples value"):
     scoring.ScoringSizes(examples=(8,), combinations=((16,), (64,)))
   targets = report.targets({"parts": {}})
-  assert len(targets) == 9 and all(t["met"] is None for t in targets)
+  assert len(targets) == 10 and all(t["met"] is None for t in targets)
 
 
 def test_a_failing_part_is_recorded_and_raised(tiny_run, tmp_path, monkeypatch):

@@ -40,7 +40,7 @@ IDENTITY_CASES = [
     ("default", "sum", {}), ("default", "task_arithmetic", {}), ("default", "cat", {}),
     ("default", "ties", {}), ("default", "dare_linear", {}), ("default", "dare_ties", {}),
     ("default", "magnitude_prune", {}), ("default", "knots", {}),
-    ("default", "knots", {"inner": "linear"}),
+    ("default", "knots", {"inner": "linear"}), ("default", "wudi", {}),
     ("peft", "linear", {}), ("peft", "cat", {}), ("peft", "svd", {}), ("peft", "ties", {}),
     ("peft", "ties_svd", {}), ("peft", "dare_linear", {}), ("peft", "dare_ties", {}),
     ("peft", "magnitude_prune", {}), ("peft", "dare_linear_svd", {}),
