@@ -5,8 +5,8 @@ Run:
 Variants: `--config=configs/merge_landscape.py:simplex3` (3 adapters on the simplex),
 `--config.methods='("mix","uniform_factors","ties","svd","knots")'`, `--config.grid.steps=21`.
 
-Expected (shared 2-core CPU, 35–45 s: training 10–30 s; seed 0): 169 weight vectors on [-1, 2]²
-scored for 3 methods × 2 tasks in 6 calls (≈10 s including compiles). Each adapter
+Expected (shared 2-core CPU, 2026-11-29, 35–45 s: training 10–30 s; seed 0): 169 weight vectors
+on [-1, 2]² scored for 3 methods × 2 tasks in 6 calls (≈10 s including compiles). Each adapter
 alone answers its own relation (exact match 1.0 at e_1 and e_2 for 'mix'); the base (w = 0)
 answers neither (0.0). The adapters interfere: the sum w = (1, 1) solves neither task (exact
 match 0.06 / 0.03), nor does the average of updates at (0.5, 0.5) (0.19 / 0.13) or of factors

@@ -10,14 +10,15 @@ Validation study (runs its own small recycling studies, then predicts and measur
   python -m experiments.run --config=configs/preflight.py:validate --workdir=runs/preflight_val
 Writes preflight.json and preflight.md (validate: also validation.md/.json, settings.jsonl,
 figures/).
-Measured (2-core machine shared with ~20 processes, niced; only the first two grid entries
-finished in the time available: --config.grid="('two_hop:4:all:0:0','two_hop:4:mlp:0:0')"):
-36 settings, 72 points. Spearman ρ of predicted key retention vs measured graded retention
-(answer-NLL) = -0.34 [-0.52, -0.12]; probe variant -0.28; baselines: task-vector cosine
-0.31, subspace overlap 0.33, CKA -0.09. Both retention goals MISSED: in this tiny regime
-full-strength merges (sum, cat) push the facts' NLL above the base model while averages keep
-the most, the opposite of what the key-space score predicts. Composition goal unmeasurable:
-the base model composes in no setting (target adapter at chance on direct two-hop).
+Measured 2026-12-02 (2-core machine shared with ~20 processes, niced; only the first two grid
+entries finished in the time available:
+--config.grid="('two_hop:4:all:0:0','two_hop:4:mlp:0:0')"): 36 settings, 72 points. Spearman ρ
+of predicted key retention vs measured graded retention (answer-NLL) = -0.34 [-0.52, -0.12];
+probe variant -0.28; baselines: task-vector cosine 0.31, subspace overlap 0.33, CKA -0.09. Both
+retention goals MISSED: in this tiny regime full-strength merges (sum, cat) push the facts' NLL
+above the base model while averages keep the most, the opposite of what the key-space score
+predicts. Composition goal unmeasurable: the base model composes in no setting (target adapter
+at chance on direct two-hop).
 """
 
 from ml_collections import config_dict

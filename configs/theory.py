@@ -5,7 +5,7 @@ Run:
 Variants: `--config.two_hop.expert_source=closed_form`, `--config.readout=train`,
 `--config.seed=1`, `--config.toy.two_hop_carry=0.0`, `--config.arrow.top_k='(1,)'`.
 
-Expected (2-core CPU, about 20 s; seed 0): results.json with all_passed true.
+Expected (2-core CPU, about 20 s, 2026-11-29; seed 0): results.json with all_passed true.
 Proposition 1: the GD-trained rank-one LoRA matches the closed form (cosine 0.9995, relative
 error 3.1 %, growing linearly with the init scale; from the usual LoRA init 0.75); 77 % of
 single-fact edits flip no other fact. Multi-fact (m = 16): the rank-16 edit fits all 16,

@@ -1,14 +1,26 @@
-"""Device meshes for data-parallel training with `jax.jit` + `NamedSharding` (no pmap).
+"""Every mesh and sharding rule: data parallelism, and FSDP-style parameter placement.
 
-The batch is split over the `data` axis; parameters, adapters and optimizer state are
-replicated. On one device every sharding is trivial, so the same code runs unchanged on
-1 or N devices, and on several processes (multi-controller JAX, after
-`jax.distributed.initialize()`; see BUILD.md): `put_batch` then feeds each process's devices
-from that process alone, and `to_local` hands replicated results back as local arrays.
+Data parallelism (`data_mesh`, `batch_sharded`, `put_batch`, `to_local`): the batch is split
+over the `data` axis; parameters, adapters and optimizer state are replicated. On one device
+every sharding is trivial, so the same code runs unchanged on 1 or N devices, and on several
+processes (multi-controller JAX, after `jax.distributed.initialize()`; see BUILD.md):
+`put_batch` then feeds each process's devices from that process alone, and `to_local` hands
+replicated results back as local arrays.
+
+Parameter placement (`param_shardings`, `shard_params`, `batch_sharding`) is decided by
+*rules*: an ordered tuple of `(regex, PartitionSpec)` pairs over parameter paths
+(`layers/0/attn/q_proj/kernel`); the first regex that `re.search`es the path wins, and a path
+no rule matches is replicated. `fsdp_rules()` is the FSDP-style default: every kernel and the
+embeddings are split along one axis over the `fsdp` mesh axis, norm scales and biases are
+replicated, and the batch goes over `data` (and `fsdp`, as in data parallelism). A mesh axis
+that does not divide a dimension leaves that dimension whole, so odd-sized tensors still load
+(replicated along it) instead of failing.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,7 +28,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lora_limits import tree as tree_lib
+
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+
+Rules = tuple[tuple[str, P], ...]
 
 
 def data_mesh(num_devices: int | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -29,12 +46,24 @@ def data_mesh(num_devices: int | None = None, devices: Sequence[jax.Device] | No
                        devices=available[:n])
 
 
+def fsdp_mesh(num_devices: int | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh over the first `num_devices` devices (all by default), axis `fsdp`."""
+  available = list(devices) if devices is not None else jax.devices()
+  n = len(available) if num_devices is None else num_devices
+  if not 1 <= n <= len(available):
+    raise ValueError(f"num_devices={n} must be between 1 and the {len(available)} available")
+  return jax.make_mesh((n,), (FSDP_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=available[:n])
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over `data`, the rest replicated."""
+  """Leading (batch) axis split over `data`, the rest replicated (see `batch_sharding` for an
+  FSDP mesh)."""
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
@@ -101,3 +130,61 @@ def put_replicated(tree: Any, sharding: NamedSharding) -> Any:
         lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x,
         tree)
   return jax.device_put(tree, sharding)
+
+
+def fsdp_rules(axis: str = FSDP_AXIS) -> Rules:
+  """FSDP-style rules: kernels [d_in, d_out] split on d_in, embeddings on the vocab."""
+  return (
+      (r"(^|/)embed/embedding$", P(axis, None)),
+      (r"(^|/)pos_embed$", P(None, axis)),
+      (r"/kernel$", P(axis, None)),
+      (r".*", P()),
+  )
+
+
+def spec_for(path: str, shape: tuple[int, ...], rules: Rules, mesh: Mesh) -> P:
+  """The PartitionSpec of one parameter: its first matching rule, minus non-dividing axes."""
+  for pattern, spec in rules:
+    if re.search(pattern, path):
+      break
+  else:
+    return P()
+  if len(spec) > len(shape):
+    raise ValueError(
+        f"sharding rule {pattern!r} gives {spec} ({len(spec)} dims) for {path!r}, which has "
+        f"shape {tuple(shape)}")
+  entries = []
+  for dim, names in zip(shape, spec):
+    if names is None:
+      entries.append(None)
+      continue
+    names_t = names if isinstance(names, tuple) else (names,)
+    for name in names_t:
+      if name not in mesh.axis_names:
+        raise ValueError(
+            f"sharding rule {pattern!r} names mesh axis {name!r}; the mesh has axes "
+            f"{list(mesh.axis_names)}")
+    size = math.prod(mesh.shape[n] for n in names_t)
+    entries.append(names if dim % size == 0 else None)
+  return P(*entries)
+
+
+def param_shardings(params: Mapping[str, Any], mesh: Mesh, rules: Rules | None = None):
+  """A tree like `params` (arrays or ShapeDtypeStructs) of `NamedSharding`s."""
+  rules = fsdp_rules() if rules is None else rules
+  flat = tree_lib.flatten(params)
+  return tree_lib.unflatten(
+      {p: NamedSharding(mesh, spec_for(p, tuple(x.shape), rules, mesh)) for p, x in flat.items()})
+
+
+def shard_params(params: Mapping[str, Any], mesh: Mesh, rules: Rules | None = None):
+  """Place in-memory params on the mesh by the rules."""
+  return jax.device_put(params, param_shardings(params, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
+  """Leading axis over `data` and `fsdp` (those in the mesh that divide `batch_size`)."""
+  axes = [a for a in (DATA_AXIS, FSDP_AXIS) if a in mesh.axis_names]
+  while axes and batch_size % math.prod(mesh.shape[a] for a in axes):
+    axes.pop()
+  return NamedSharding(mesh, P(tuple(axes)) if axes else P())

@@ -36,7 +36,7 @@ _GRIDS = ("square", "simplex")
 
 
 @dataclasses.dataclass(frozen=True)
-class WorldSettings:
+class WorldSection:
   """n_entities entity tokens; each relation maps every entity to a random entity."""
 
   n_entities: int
@@ -48,7 +48,7 @@ class WorldSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSettings:
+class ModelSection:
   d_model: int
   n_layers: int
   n_heads: int
@@ -65,7 +65,7 @@ class ModelSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainSettings:
+class TrainSection:
   pretrain_steps: int
   lora_steps: int
   batch_size: int
@@ -87,7 +87,7 @@ class TrainSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class GridSettings:
+class GridSection:
   """square: steps × steps points over [low, high]² (K = 2); simplex: coordinates i/steps."""
 
   kind: str
@@ -114,10 +114,10 @@ class LandscapeStudy:
   metrics: tuple[str, ...]
   chunk_size: int  # 0: the largest within memory_budget_gb
   memory_budget_gb: float
-  world: WorldSettings
-  model: ModelSettings
-  train: TrainSettings
-  grid: GridSettings
+  world: WorldSection
+  model: ModelSection
+  train: TrainSection
+  grid: GridSection
 
   def __post_init__(self):
     if self.study != "merge_landscape":

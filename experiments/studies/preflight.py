@@ -586,7 +586,7 @@ def validate(config, workdir: pathlib.Path) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class PreflightConfig:
+class PreflightStudy:
   """The typed config (see `configs/preflight.py`); validated before anything is written."""
 
   study: str
@@ -626,9 +626,9 @@ class PreflightConfig:
       raise ValueError(f"bootstrap_seed must be >= 0, got {self.bootstrap_seed}")
 
 
-def parse(config: Any) -> PreflightConfig:
-  """The ConfigDict → a validated PreflightConfig (ConfigError names the field)."""
-  return schema.build(PreflightConfig, config, "config")
+def parse(config: Any) -> PreflightStudy:
+  """The ConfigDict → a validated PreflightStudy (ConfigError names the field)."""
+  return schema.build(PreflightStudy, config, "config")
 
 
 def main(config, workdir: pathlib.Path) -> None:

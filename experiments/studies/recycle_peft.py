@@ -41,12 +41,13 @@ from experiments import schema
 from lora_limits import data as data_lib
 from lora_limits import exact_match as eval_lib
 from lora_limits import lora as lora_lib
+from lora_limits import sharding as shard_lib
 from lora_limits import tokenizer as tok_lib
 from lora_limits import tree as tree_lib
 from lora_limits.interop import hf
 from lora_limits.interop import peft as ipeft
 from lora_limits.interop import qa as qa_lib
-from lora_limits.interop import shard as shard_lib
+from lora_limits.interop import safetensors_io
 from lora_limits.models import transformer
 from lora_limits.recycle import merge as merge_lib
 from lora_limits.recycle import recyclers
@@ -190,7 +191,7 @@ def _read_adapter(field: str, index: int, path: str, params, arch: str) -> lora_
     trained_on = None
     if (pathlib.Path(path) / ipeft.CONFIG_FILE).is_file():
       try:
-        trained_on = shard_lib.read_json(pathlib.Path(path) / ipeft.CONFIG_FILE).get(
+        trained_on = safetensors_io.read_json(pathlib.Path(path) / ipeft.CONFIG_FILE).get(
             "base_model_name_or_path")
       except (ValueError, AttributeError):
         trained_on = None
@@ -244,9 +245,7 @@ def _encode(field: str, qas: Sequence[qa_lib.QA], tokenizer, cfg: transformer.Mo
 def _mesh(study: RecyclePeftStudy):
   if not study.shard:
     return None
-  n = len(jax.devices())
-  return jax.make_mesh((n,), (shard_lib.FSDP_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  return shard_lib.fsdp_mesh()
 
 
 def _mixed_ranks(method: str) -> bool:

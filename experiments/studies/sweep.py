@@ -44,7 +44,7 @@ class SweepSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class SweepConfig:
+class SweepStudy:
   study: str
   sweep: SweepSection
   base: dict
@@ -66,18 +66,18 @@ def with_value(base: Mapping[str, Any], field: str, value: Any) -> dict[str, Any
   return out
 
 
-def parse(config: Any) -> tuple[SweepConfig, list[recycling.StudyConfig]]:
-  cfg = schema.build(SweepConfig, config, "config")
+def parse(config: Any) -> tuple[SweepStudy, list[recycling.RecyclingStudy]]:
+  cfg = schema.build(SweepStudy, config, "config")
   base = schema.convert(cfg.base, dict, "config.base")
   studies = []
   for value in cfg.sweep.values:
     d = with_value(base, cfg.sweep.field, value)
-    studies.append(schema.build(recycling.StudyConfig, d,
+    studies.append(schema.build(recycling.RecyclingStudy, d,
                                 f"config.base (with {cfg.sweep.field}={value!r})"))
   return cfg, studies
 
 
-def units(studies: Sequence[recycling.StudyConfig]) -> list[tuple[int, int]]:
+def units(studies: Sequence[recycling.RecyclingStudy]) -> list[tuple[int, int]]:
   """The sweep's independent units, (value index, seed), value by value."""
   return [(i, seed) for i, study in enumerate(studies) for seed in study.seeds]
 

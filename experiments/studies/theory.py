@@ -35,7 +35,7 @@ def _positive(owner: str, name: str, value, allow_zero: bool = False):
 
 
 @dataclasses.dataclass(frozen=True)
-class Prop1Settings:
+class Prop1Section:
   """The fact edited (entity, relation), to answer + 1; GD tolerances of Proposition 1."""
 
   entity: int
@@ -54,7 +54,7 @@ class Prop1Settings:
 
 
 @dataclasses.dataclass(frozen=True)
-class MultiFactSettings:
+class MultiFactSection:
   """m facts edited at once; ranks () means 1..m."""
 
   n_facts: int
@@ -71,7 +71,7 @@ class MultiFactSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class TwoHopSettings:
+class TwoHopSection:
   """m chains A→B→C; experts of rank `rank` (0: m), trained by GD or in closed form."""
 
   n_chains: int
@@ -95,7 +95,7 @@ class TwoHopSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class ArrowSettings:
+class ArrowSection:
   top_k: tuple[int, ...]
   temperature: float
 
@@ -119,10 +119,10 @@ class TheoryStudy:
   readout: str
   readout_steps: int
   chance_z: float
-  prop1: Prop1Settings
-  multi_fact: MultiFactSettings
-  two_hop: TwoHopSettings
-  arrow: ArrowSettings
+  prop1: Prop1Section
+  multi_fact: MultiFactSection
+  two_hop: TwoHopSection
+  arrow: ArrowSection
 
   def __post_init__(self):
     _positive("config", "seed", self.seed, allow_zero=True)

@@ -3,7 +3,8 @@
 - `hf`: `load_checkpoint(dir, dtype, mesh) -> (ModelConfig, params, tokenizer)` and
   `export_checkpoint(dir, cfg, params, ...)` for Llama, Qwen2, Mistral and GPT-2.
 - `peft`: `load_adapter(dir, params) -> adapter` and `save_adapter(adapter, dir, ...)`.
-- `shard`: regex sharding rules (FSDP-style by default), tensor-by-tensor safetensors reads.
+- `safetensors_io`: tensor-by-tensor safetensors reads, each device only its own block (the
+  sharding rules that place them are `lora_limits.sharding`'s).
 
 How a study runs on a checkpoint (`--config.model.hf_path=DIR`):
 
@@ -18,8 +19,9 @@ How a study runs on a checkpoint (`--config.model.hf_path=DIR`):
 
 `cfg` is an ordinary `ModelConfig`, so training, merging, routing and evaluation code needs
 no change; `hf.infer_arch(cfg)` gives the arch to write adapters or checkpoints back with.
-With a mesh, put the batch on `shard.batch_sharding(mesh, batch_size)` and call the jitted
-forward as usual: GSPMD gathers each FSDP-sharded kernel where it is used.
+With a mesh (`lora_limits.sharding.fsdp_mesh()`), put the batch on
+`sharding.batch_sharding(mesh, batch_size)` and call the jitted forward as usual: GSPMD
+gathers each FSDP-sharded kernel where it is used.
 
 This package imports transformers (configs, tokenizers) and safetensors, never torch or the
 `peft` library: those are only needed by the parity tests.

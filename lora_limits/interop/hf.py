@@ -31,8 +31,9 @@ import numpy as np
 import transformers
 from safetensors.numpy import save_file
 
+from lora_limits import sharding as shard_lib
 from lora_limits import tree as tree_lib
-from lora_limits.interop import shard
+from lora_limits.interop import safetensors_io
 from lora_limits.models import transformer
 
 ARCHS = ("llama", "qwen2", "mistral", "gpt2")
@@ -252,11 +253,11 @@ def hf_config(cfg: transformer.ModelConfig, arch: str | None = None,
   return config
 
 
-def param_sources(cfg: transformer.ModelConfig, arch: str) -> dict[str, shard.Source]:
+def param_sources(cfg: transformer.ModelConfig, arch: str) -> dict[str, safetensors_io.Source]:
   """{our parameter path: where it lives in a transformers checkpoint of `arch`}."""
   _check_arch(arch)
-  S = shard.Source
-  out: dict[str, shard.Source] = {}
+  S = safetensors_io.Source
+  out: dict[str, safetensors_io.Source] = {}
   if arch == "gpt2":
     d = cfg.d_model
     out["embed/embedding"] = S("transformer.wte.weight")
@@ -298,14 +299,14 @@ def abstract_params(cfg: transformer.ModelConfig) -> dict[str, jax.ShapeDtypeStr
   return tree_lib.flatten(tree)
 
 
-def _resolve_keys(sources: dict[str, shard.Source], keys: set[str]) -> dict[str, shard.Source]:
+def _resolve_keys(sources: dict[str, safetensors_io.Source], keys: set[str]) -> dict[str, safetensors_io.Source]:
   """Accept checkpoints saved from the bare model (`layers.0...` without `model.`)."""
   out = {}
   for path, src in sources.items():
     if src.key not in keys:
       bare = src.key.split(".", 1)[1]
       if bare in keys and src.key.startswith(("model.", "transformer.")):
-        src = shard.Source(bare, src.transpose, src.offset, src.fused)
+        src = safetensors_io.Source(bare, src.transpose, src.offset, src.fused)
     out[path] = src
   return out
 
@@ -316,7 +317,7 @@ def read_config(path: str | pathlib.Path) -> tuple[dict[str, Any], transformers.
   config_file = path / "config.json"
   if not config_file.exists():
     raise ValueError(f"checkpoint directory {str(path)!r} has no config.json")
-  raw = shard.read_json(config_file)
+  raw = safetensors_io.read_json(config_file)
   if not isinstance(raw, dict):
     raise ValueError(f"{str(config_file)!r} must hold a JSON object, got {type(raw).__name__}")
   _check_arch(raw.get("model_type"))
@@ -337,10 +338,10 @@ def load_tokenizer(path: str | pathlib.Path):
   # transformers v5's AutoTokenizer swaps a generic saved class ('TokenizersBackend') for the
   # model type's own tokenizer class, which can rebuild the pre-tokenizer; load what was saved.
   config_file = path / "tokenizer_config.json"
-  saved_class = shard.read_json(config_file).get("tokenizer_class") if (
+  saved_class = safetensors_io.read_json(config_file).get("tokenizer_class") if (
       config_file.exists()) else None
   if (path / "tokenizer.json").exists():
-    shard.read_json(path / "tokenizer.json")  # a damaged file is named, not a bare parse error
+    safetensors_io.read_json(path / "tokenizer.json")  # a damaged file is named, not a bare parse error
   try:
     if saved_class in _GENERIC_TOKENIZERS and (path / "tokenizer.json").exists():
       return transformers.PreTrainedTokenizerFast.from_pretrained(str(path),
@@ -353,12 +354,12 @@ def load_tokenizer(path: str | pathlib.Path):
 
 def load_checkpoint(path: str | pathlib.Path, dtype: str = "float32",
                     mesh: jax.sharding.Mesh | None = None, *,
-                    rules: shard.Rules | None = None, tokenizer: bool = True):
+                    rules: shard_lib.Rules | None = None, tokenizer: bool = True):
   """(ModelConfig, params, tokenizer or None) from a local transformers directory.
 
   dtype: weights and compute ('float32' default, 'bfloat16' for large models).
-  mesh: place parameters by `rules` (default `shard.fsdp_rules()`); every device reads only
-    its own block of each tensor. None: whole tensors on the default device.
+  mesh: place parameters by `rules` (default `lora_limits.sharding.fsdp_rules()`); every device
+    reads only its own block of each tensor. None: whole tensors on the default device.
   Raises ValueError for an unsupported architecture or field, a missing or misshapen
   tensor, or checkpoint tensors the model would not use.
   """
@@ -366,7 +367,7 @@ def load_checkpoint(path: str | pathlib.Path, dtype: str = "float32",
   _, hf = read_config(path)
   cfg, arch = config_from_hf(hf, dtype)
   abstract = abstract_params(cfg)
-  with shard.SafetensorsCheckpoint(path) as ckpt:
+  with safetensors_io.SafetensorsCheckpoint(path) as ckpt:
     keys = set(ckpt.keys())
     sources = _resolve_keys(param_sources(cfg, arch), keys)
     missing = sorted({s.key for s in sources.values()} - keys)
@@ -382,8 +383,8 @@ def load_checkpoint(path: str | pathlib.Path, dtype: str = "float32",
     shardings = None
     if mesh is not None:
       shardings = tree_lib.flatten(
-          shard.param_shardings(tree_lib.unflatten(abstract), mesh, rules))
-    flat = shard.load_params(ckpt, sources, abstract, shardings)
+          shard_lib.param_shardings(tree_lib.unflatten(abstract), mesh, rules))
+    flat = safetensors_io.load_params(ckpt, sources, abstract, shardings)
   params = tree_lib.unflatten(flat)
   return cfg, params, (load_tokenizer(path) if tokenizer else None)
 

@@ -39,7 +39,7 @@ from safetensors.numpy import save_file
 from lora_limits import lora as lora_lib
 from lora_limits import tree as tree_lib
 from lora_limits.interop import hf
-from lora_limits.interop import shard
+from lora_limits.interop import safetensors_io
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -113,12 +113,12 @@ def read_adapter(path: str | pathlib.Path) -> tuple[dict[str, Any], dict[str, tu
     raise ValueError(f"{where} has no {CONFIG_FILE}")
   if not (path / WEIGHTS_FILE).exists():
     raise ValueError(f"{where} has no {WEIGHTS_FILE} (only safetensors adapters are supported)")
-  config = shard.read_json(path / CONFIG_FILE)
+  config = safetensors_io.read_json(path / CONFIG_FILE)
   if not isinstance(config, dict):
     raise ValueError(f"{where}: {CONFIG_FILE} must hold a JSON object")
   _check_config(config, where)
   factors: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
-  with shard.SafetensorsCheckpoint(path) as ckpt:
+  with safetensors_io.SafetensorsCheckpoint(path) as ckpt:
     for key in ckpt.keys():
       m = _KEY.fullmatch(key)
       if not m:

@@ -19,13 +19,12 @@ How a combination is evaluated depends on the method (the choice is the cheapest
   so a chunk holds `chunk` copies of the adapted kernels; the memory budget accounts for it.
 
 The chunk size comes from an analytic estimate of one combination's buffers (`estimate_bytes`):
-the largest chunk that fits `memory_budget_bytes` (default 4 GiB; a budget that cannot hold
-even one combination is a ValueError saying what would fit), and no larger than
-`chunk_target_bytes` (default 64 MiB) of estimated working set, because wider vmaps are
-*slower* on a CPU once they spill the caches. Measured on 2 CPU cores (2-layer d 128 model,
-K = 4 rank-8 adapters, 256 combinations): with 2, 8, 32 sequences per combination the fastest
-chunks were 64, 16, 4 — about 50 MiB of estimate each. On accelerators raise the target (or
-pass None). `memory_analysis` reports what XLA actually allocates for the chosen plan.
+the largest chunk that fits `memory_budget_bytes` (default 4 GiB; a budget that cannot hold even
+one combination is a ValueError saying what would fit), and no larger than `chunk_target_bytes`
+(default 64 MiB) of estimated working set, because wider vmaps are *slower* on a CPU once they
+spill the caches (BENCHMARKS.md, "Chunk size", from `make bench`). On accelerators raise the
+target (or pass None). `memory_analysis` reports what XLA actually allocates for the chosen
+plan.
 
 Metrics, teacher-forced over the weighted target positions: 'loss' (mean token NLL),
 'token_accuracy', 'exact_match' (a row counts when the argmax equals the target at every

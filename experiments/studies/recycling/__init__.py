@@ -36,11 +36,11 @@ from lora_limits import tokenizer as tok_lib
 from lora_limits.tasks import corpus as corpus_lib
 
 parse = config_lib.parse
-StudyConfig = config_lib.StudyConfig
+RecyclingStudy = config_lib.RecyclingStudy
 ADAPTERS = config_lib.ADAPTERS
 
 
-def run_seed(cfg: StudyConfig, seed: int, cache: pathlib.Path, tokenizer,
+def run_seed(cfg: RecyclingStudy, seed: int, cache: pathlib.Path, tokenizer,
              timings: dict[str, float] | None = None) -> list[dict]:
   """One seed's records: every model × tier × test split, then each adapter's training
   accuracy."""
@@ -85,7 +85,7 @@ def run_seed(cfg: StudyConfig, seed: int, cache: pathlib.Path, tokenizer,
   return records
 
 
-def run(cfg: StudyConfig, workdir: pathlib.Path,
+def run(cfg: RecyclingStudy, workdir: pathlib.Path,
         seeds: Sequence[int] | None = None) -> pathlib.Path | None:
   """The study's `seeds` (default: this job's shard of `cfg.seeds`, i.e. all of them unless
   `experiments.run` got --num_shards); returns the path of `results.jsonl` once every seed

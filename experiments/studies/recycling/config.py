@@ -2,7 +2,7 @@
 
 The fields have no defaults here: `configs/two_hop.py` writes every value once, and the
 other configs (`smoke`, `math`, the sweeps) start from it. `parse(config)` is the only way a
-ConfigDict becomes a `StudyConfig` (a `schema.ConfigError` names the field).
+ConfigDict becomes a `RecyclingStudy` (a `schema.ConfigError` names the field).
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ class GatesSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class StudyConfig:
+class RecyclingStudy:
   """The whole study. cache_dir '' means <workdir>/cache; world: the task's settings, minus
   seed (set per run from `seeds`)."""
 
@@ -257,7 +257,7 @@ class StudyConfig:
     check_adapters_fit(self)
 
 
-def check_adapters_fit(cfg: StudyConfig) -> None:
+def check_adapters_fit(cfg: RecyclingStudy) -> None:
   """adapters.targets must match kernels of the base model and adapters.rank fit them.
 
   Checked on the model's abstract shapes (no compute): our own base with a stand-in
@@ -284,19 +284,19 @@ def check_adapters_fit(cfg: StudyConfig) -> None:
                      "dimension of an adapted kernel")
 
 
-def world_settings(cfg: StudyConfig, seed: int):
+def world_settings(cfg: RecyclingStudy, seed: int):
   mapping = dict(cfg.world, seed=seed)
   if cfg.task == "two_hop":
     return task_common.settings_from_mapping(two_hop.TwoHopSettings, mapping)
   return task_common.settings_from_mapping(math_word.MathSettings, mapping)
 
 
-def build_world(cfg: StudyConfig, seed: int) -> task_common.World:
+def build_world(cfg: RecyclingStudy, seed: int) -> task_common.World:
   settings = world_settings(cfg, seed)
   return two_hop.build(settings) if cfg.task == "two_hop" else math_word.build(settings)
 
 
-def vocabulary(cfg: StudyConfig) -> list[str]:
+def vocabulary(cfg: RecyclingStudy) -> list[str]:
   """Every word any seed's world can use (one tokenizer serves all seeds)."""
   settings = world_settings(cfg, 0)
   return (two_hop.vocabulary(settings) if cfg.task == "two_hop"
@@ -308,6 +308,6 @@ def library_names(library: str, distractors: int) -> tuple[str, ...]:
   return LIBRARIES[library] + tuple(f"distractor{i}" for i in range(1, distractors + 1))
 
 
-def parse(config: Any) -> StudyConfig:
-  """The ConfigDict → a validated StudyConfig (ConfigError names the field)."""
-  return schema.build(StudyConfig, config, "config")
+def parse(config: Any) -> RecyclingStudy:
+  """The ConfigDict → a validated RecyclingStudy (ConfigError names the field)."""
+  return schema.build(RecyclingStudy, config, "config")

@@ -67,13 +67,13 @@ def few_shot_pool(world: task_common.World) -> tuple[task_common.Example, ...]:
                for e in world.splits[g].get(s, ()))
 
 
-def needs(cfg: config_lib.StudyConfig) -> frozenset[str]:
+def needs(cfg: config_lib.RecyclingStudy) -> frozenset[str]:
   """Every resource the configured methods need."""
   registry = recyclers.registry()
   return frozenset().union(*(registry[m].needs for m in cfg.recycle.methods))
 
 
-def centroids(cfg: config_lib.StudyConfig, base: stages.Base, world: task_common.World,
+def centroids(cfg: config_lib.RecyclingStudy, base: stages.Base, world: task_common.World,
               adapter_names: Sequence[str]) -> dict[str, jax.Array]:
   """Each adapter's training-data centroid, if a configured method needs them."""
   if "centroids" not in needs(cfg):
@@ -86,7 +86,7 @@ def centroids(cfg: config_lib.StudyConfig, base: stages.Base, world: task_common
   return out
 
 
-def recycled_models(cfg: config_lib.StudyConfig, base: stages.Base, world: task_common.World,
+def recycled_models(cfg: config_lib.RecyclingStudy, base: stages.Base, world: task_common.World,
                     adapters: Mapping[str, lora_lib.Adapter], library: str, seed: int,
                     cents: Mapping[str, jax.Array]) -> list[Model]:
   """Every configured method on one library, in config order."""

@@ -29,7 +29,7 @@ from lora_limits import train as train_lib
 from lora_limits.models import transformer
 from lora_limits.tasks import common as task_common
 
-StudyConfig = config_lib.StudyConfig
+RecyclingStudy = config_lib.RecyclingStudy
 
 
 # ------------------------------------------------------------------------------ caching
@@ -92,7 +92,7 @@ def pretraining_data(p: config_lib.PretrainSection, world: task_common.World,
   return rows
 
 
-def pretrained_base(cfg: StudyConfig, world: task_common.World, tokenizer, cache: pathlib.Path,
+def pretrained_base(cfg: RecyclingStudy, world: task_common.World, tokenizer, cache: pathlib.Path,
                     seed: int) -> Base:
   """Our base model pretrained on the world's corpus (cached), or the HF checkpoint."""
   if cfg.model.hf_path:
@@ -192,7 +192,7 @@ def _as_text(e: task_common.Example) -> task_common.Example:
   return task_common.Example(first, f"{rest} {e.answer}".strip(), e.meta)
 
 
-def adapter_data(cfg: StudyConfig, tokenizer, world: task_common.World,
+def adapter_data(cfg: RecyclingStudy, tokenizer, world: task_common.World,
                  examples, seed: int):
   """The rows an adapter trains on: its examples and the replay sample (loss on the answers,
   without their ending unless `adapters.train_ending`, and on every token of a replayed
@@ -211,7 +211,7 @@ def adapter_data(cfg: StudyConfig, tokenizer, world: task_common.World,
   return rows, data
 
 
-def trained_adapter(cfg: StudyConfig, base: Base, world: task_common.World, name: str,
+def trained_adapter(cfg: RecyclingStudy, base: Base, world: task_common.World, name: str,
                     cache: pathlib.Path, seed: int) -> tuple[lora_lib.Adapter, dict]:
   """Adapter `name` trained on its split (cached), with its own training accuracy."""
   examples = adapter_examples(world, name, cfg.recycle.distractors)

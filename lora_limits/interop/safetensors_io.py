@@ -1,18 +1,11 @@
-"""Placing parameters on a device mesh, and reading safetensors checkpoints tensor by tensor.
-
-Sharding is decided by *rules*: an ordered tuple of `(regex, PartitionSpec)` pairs over
-parameter paths (`layers/0/attn/q_proj/kernel`); the first regex that `re.search`es the path
-wins, and a path no rule matches is replicated. `fsdp_rules()` is the FSDP-style default:
-every kernel and the embeddings are split along one axis over the `fsdp` mesh axis, norm
-scales and biases are replicated, and the batch goes over `data` (and `fsdp`, as in data
-parallelism). A mesh axis that does not divide a dimension leaves that dimension whole, so
-odd-sized tensors still load (replicated along it) instead of failing.
+"""Reading safetensors checkpoints tensor by tensor, each device only its own block.
 
 `load_params` builds each parameter with `jax.make_array_from_callback`: every device asks
 only for its own block, and the block is read straight from the memory-mapped file with
 safetensors' `get_slice`. Host memory therefore peaks near one device's shard of one tensor,
 not at the size of the model; `SafetensorsCheckpoint.max_read_bytes` records the largest
-block read so tests can assert it.
+block read so tests can assert it. Where each block goes (the sharding rules) is decided in
+`lora_limits.sharding`.
 """
 
 from __future__ import annotations
@@ -20,83 +13,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import pathlib
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so bf16 tensors read as numpy)
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 
-from lora_limits import tree as tree_lib
-
-FSDP_AXIS = "fsdp"
-DATA_AXIS = "data"
-
-Rules = tuple[tuple[str, P], ...]
 Index = tuple[slice, ...]
-
-
-def fsdp_rules(axis: str = FSDP_AXIS) -> Rules:
-  """FSDP-style rules: kernels [d_in, d_out] split on d_in, embeddings on the vocab."""
-  return (
-      (r"(^|/)embed/embedding$", P(axis, None)),
-      (r"(^|/)pos_embed$", P(None, axis)),
-      (r"/kernel$", P(axis, None)),
-      (r".*", P()),
-  )
-
-
-def spec_for(path: str, shape: tuple[int, ...], rules: Rules, mesh: Mesh) -> P:
-  """The PartitionSpec of one parameter: its first matching rule, minus non-dividing axes."""
-  for pattern, spec in rules:
-    if re.search(pattern, path):
-      break
-  else:
-    return P()
-  if len(spec) > len(shape):
-    raise ValueError(
-        f"sharding rule {pattern!r} gives {spec} ({len(spec)} dims) for {path!r}, which has "
-        f"shape {tuple(shape)}")
-  entries = []
-  for dim, names in zip(shape, spec):
-    if names is None:
-      entries.append(None)
-      continue
-    names_t = names if isinstance(names, tuple) else (names,)
-    for name in names_t:
-      if name not in mesh.axis_names:
-        raise ValueError(
-            f"sharding rule {pattern!r} names mesh axis {name!r}; the mesh has axes "
-            f"{list(mesh.axis_names)}")
-    size = math.prod(mesh.shape[n] for n in names_t)
-    entries.append(names if dim % size == 0 else None)
-  return P(*entries)
-
-
-def param_shardings(params: Mapping[str, Any], mesh: Mesh, rules: Rules | None = None):
-  """A tree like `params` (arrays or ShapeDtypeStructs) of `NamedSharding`s."""
-  rules = fsdp_rules() if rules is None else rules
-  flat = tree_lib.flatten(params)
-  return tree_lib.unflatten(
-      {p: NamedSharding(mesh, spec_for(p, tuple(x.shape), rules, mesh)) for p, x in flat.items()})
-
-
-def shard_params(params: Mapping[str, Any], mesh: Mesh, rules: Rules | None = None):
-  """Place in-memory params on the mesh by the rules."""
-  return jax.device_put(params, param_shardings(params, mesh, rules))
-
-
-def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
-  """Leading axis over `data` and `fsdp` (those in the mesh that divide `batch_size`)."""
-  axes = [a for a in (DATA_AXIS, FSDP_AXIS) if a in mesh.axis_names]
-  while axes and batch_size % math.prod(mesh.shape[a] for a in axes):
-    axes.pop()
-  return NamedSharding(mesh, P(tuple(axes)) if axes else P())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Sharded checkpoint loading on 4 fake CPU devices (conftest): rules, placement, per-block reads."""
+"""Sharded checkpoint loading on 4 fake CPU devices (conftest): `sharding`'s rules and
+placement, `interop.safetensors_io`'s per-block reads."""
 
 import functools
 
@@ -8,8 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from lora_limits import sharding as shard_lib
 from lora_limits import tree as tree_lib
-from lora_limits.interop import hf, shard
+from lora_limits.interop import hf, safetensors_io
 from lora_limits.models import transformer
 
 LLAMA = transformer.ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -19,14 +21,15 @@ GPT2 = transformer.ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4
                                activation="gelu_tanh", pos="learned", qkv_bias=True,
                                o_bias=True, mlp_bias=True, init_std=0.1)
 # Kernels split on d_out instead: exercises the column offsets of GPT-2's fused c_attn.
-COLUMN_RULES = ((r"/kernel$", P(None, shard.FSDP_AXIS)),) + shard.fsdp_rules()
+COLUMN_RULES = ((r"/kernel$", P(None, shard_lib.FSDP_AXIS)),) + shard_lib.fsdp_rules()
 
 
 def mesh_of(kind):
-  auto = jax.sharding.AxisType.Auto
   if kind == "fsdp4":
-    return jax.make_mesh((4,), (shard.FSDP_AXIS,), axis_types=(auto,))
-  return jax.make_mesh((2, 2), (shard.DATA_AXIS, shard.FSDP_AXIS), axis_types=(auto, auto))
+    return shard_lib.fsdp_mesh(4)
+  auto = jax.sharding.AxisType.Auto
+  return jax.make_mesh((2, 2), (shard_lib.DATA_AXIS, shard_lib.FSDP_AXIS),
+                       axis_types=(auto, auto))
 
 
 @pytest.fixture(scope="module")
@@ -43,28 +46,28 @@ def checkpoints(tmp_path_factory):
 
 def test_spec_for_follows_the_first_matching_rule_and_divisibility():
   mesh = mesh_of("data2_fsdp2")
-  rules = shard.fsdp_rules()
-  assert shard.spec_for("layers/0/attn/q_proj/kernel", (64, 32), rules, mesh) == P("fsdp", None)
-  assert shard.spec_for("embed/embedding", (128, 64), rules, mesh) == P("fsdp", None)
-  assert shard.spec_for("layers/0/attn_norm/scale", (64,), rules, mesh) == P()
+  rules = shard_lib.fsdp_rules()
+  assert shard_lib.spec_for("layers/0/attn/q_proj/kernel", (64, 32), rules, mesh) == P("fsdp", None)
+  assert shard_lib.spec_for("embed/embedding", (128, 64), rules, mesh) == P("fsdp", None)
+  assert shard_lib.spec_for("layers/0/attn_norm/scale", (64,), rules, mesh) == P()
   # 7 rows do not split over 2 devices: that dimension stays whole.
-  assert shard.spec_for("layers/0/mlp/up_proj/kernel", (7, 64), rules, mesh) == P(None, None)
+  assert shard_lib.spec_for("layers/0/mlp/up_proj/kernel", (7, 64), rules, mesh) == P(None, None)
   both = ((r"kernel$", P(("data", "fsdp"), None)),)
-  assert shard.spec_for("a/kernel", (8, 3), both, mesh) == P(("data", "fsdp"), None)
-  assert shard.spec_for("a/kernel", (6, 3), both, mesh) == P(None, None)
-  assert shard.spec_for("unmatched", (8,), both, mesh) == P()
+  assert shard_lib.spec_for("a/kernel", (8, 3), both, mesh) == P(("data", "fsdp"), None)
+  assert shard_lib.spec_for("a/kernel", (6, 3), both, mesh) == P(None, None)
+  assert shard_lib.spec_for("unmatched", (8,), both, mesh) == P()
   with pytest.raises(ValueError, match="mesh axis 'model'"):
-    shard.spec_for("a/kernel", (8, 8), ((r"kernel", P("model")),), mesh)
+    shard_lib.spec_for("a/kernel", (8, 8), ((r"kernel", P("model")),), mesh)
   with pytest.raises(ValueError, match="shape \\(8,\\)"):
-    shard.spec_for("a/bias", (8,), ((r"bias", P("fsdp", None)),), mesh)
+    shard_lib.spec_for("a/bias", (8,), ((r"bias", P("fsdp", None)),), mesh)
 
 
 def test_batch_sharding_uses_data_and_fsdp_when_they_divide():
   mesh = mesh_of("data2_fsdp2")
-  assert shard.batch_sharding(mesh, 8).spec == P(("data", "fsdp"))
-  assert shard.batch_sharding(mesh, 2).spec == P(("data",))
-  assert shard.batch_sharding(mesh, 3).spec == P()
-  assert shard.batch_sharding(mesh_of("fsdp4"), 4).spec == P(("fsdp",))
+  assert shard_lib.batch_sharding(mesh, 8).spec == P(("data", "fsdp"))
+  assert shard_lib.batch_sharding(mesh, 2).spec == P(("data",))
+  assert shard_lib.batch_sharding(mesh, 3).spec == P()
+  assert shard_lib.batch_sharding(mesh_of("fsdp4"), 4).spec == P(("fsdp",))
 
 
 @pytest.mark.parametrize("arch, mesh_kind, rules", [
@@ -91,7 +94,7 @@ def test_sharded_load_gives_the_unsharded_logits(checkpoints, arch, mesh_kind, r
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 12)).astype(np.int32)
   forward = jax.jit(functools.partial(transformer.apply, cfg=cfg))
   logits = forward(params, jnp.asarray(tokens))
-  logits_s = forward(params_s, jax.device_put(tokens, shard.batch_sharding(mesh, 4)))
+  logits_s = forward(params_s, jax.device_put(tokens, shard_lib.batch_sharding(mesh, 4)))
   np.testing.assert_allclose(np.asarray(logits_s), np.asarray(logits), atol=1e-5, rtol=0)
 
 
@@ -100,10 +103,10 @@ def test_each_device_reads_only_its_block(checkpoints):
   tensor, yet every byte of every sharded tensor is read once."""
   mesh = mesh_of("fsdp4")
   abstract = hf.abstract_params(LLAMA)
-  shardings = tree_lib.flatten(shard.param_shardings(tree_lib.unflatten(abstract), mesh))
-  with shard.SafetensorsCheckpoint(checkpoints["llama"]) as ckpt:
+  shardings = tree_lib.flatten(shard_lib.param_shardings(tree_lib.unflatten(abstract), mesh))
+  with safetensors_io.SafetensorsCheckpoint(checkpoints["llama"]) as ckpt:
     sizes = {k: int(np.prod(ckpt.shape(k))) * 4 for k in ckpt.keys()}
-    params = shard.load_params(ckpt, hf.param_sources(LLAMA, "llama"), abstract, shardings)
+    params = safetensors_io.load_params(ckpt, hf.param_sources(LLAMA, "llama"), abstract, shardings)
     assert ckpt.max_read_bytes <= max(sizes.values()) // 4
     # replicated tensors (norm scales) may be read by each of the 4 devices, the rest once
     replicated = sum(v for k, v in sizes.items() if "norm" in k)
@@ -114,7 +117,7 @@ def test_each_device_reads_only_its_block(checkpoints):
 def test_shard_params_places_in_memory_params():
   mesh = mesh_of("fsdp4")
   params = transformer.init(jax.random.key(1), LLAMA)
-  placed = shard.shard_params(params, mesh)
+  placed = shard_lib.shard_params(params, mesh)
   assert placed["embed"]["embedding"].sharding.spec == P("fsdp", None)
   assert placed["final_norm"]["scale"].sharding.spec == P()
   np.testing.assert_array_equal(np.asarray(placed["lm_head"]["kernel"]),
@@ -122,10 +125,10 @@ def test_shard_params_places_in_memory_params():
 
 
 def test_source_shapes_are_checked_before_reading(checkpoints):
-  with shard.SafetensorsCheckpoint(checkpoints["gpt2"]) as ckpt:
-    src = shard.Source("transformer.h.0.attn.c_attn.weight", offset=64, fused=3)
-    assert shard.source_shape(ckpt, src) == (64, 64)
+  with safetensors_io.SafetensorsCheckpoint(checkpoints["gpt2"]) as ckpt:
+    src = safetensors_io.Source("transformer.h.0.attn.c_attn.weight", offset=64, fused=3)
+    assert safetensors_io.source_shape(ckpt, src) == (64, 64)
     with pytest.raises(ValueError, match="cannot split into 5 parts"):
-      shard.source_shape(ckpt, shard.Source(src.key, fused=5))
+      safetensors_io.source_shape(ckpt, safetensors_io.Source(src.key, fused=5))
     with pytest.raises(ValueError, match="not in the checkpoint"):
       ckpt.shape("transformer.h.9.attn.c_attn.weight")
