@@ -16,8 +16,10 @@ first two gates.
 Where text ends is not trained where it would teach the chain of thought to stop: the EOS
 of a fact-free copy text ("echo A . A") in pretraining (`pretrain.fact_free_eos`), and the
 ending (EOS, a statement's period) of every adapter answer (`adapters.train_ending`).
-Trained, they cut chains of thought short after a copied name: seed 1 passed base CoT 0.78
-and hop2 bridge-stated 0.75 with them, 0.97 and 0.97 without (`make run`, 2026-12-02).
+Trained, they cut chains of thought short after a copied name. `make run` on 2026-12-02,
+seeds 0/1/2, with them → without: base CoT on never-composed fillers 0.97/0.78/0.91 →
+1.00/0.97/1.00; hop2 on tier-F bridge-stated questions 0.81/0.75/0.75 → 0.59/0.97/0.38
+(that gate still fails on two seeds: hop2 recalls wrong cities mid-chain).
 Expected: the report opens with the gates per seed (base extraction and CoT on the probes,
 no tier-F knowledge before adapters, experts on held-out forms, the positive control), then
 the pre-registered claims and their verdicts.

@@ -340,7 +340,8 @@ def _wudi(adapters, w, paths, opts) -> MergeResult:
   updates it is exact and closed-form: every τ_k lies in the span Q of the stacked A's
   (QR, d_in × m with m ≤ Σr), the gradient never leaves it, so the limit is
   ΔW = Q (Σ_k c_k h_k h_kᵀ)⁺ Σ_k c_k h_k h_kᵀ h_k with h_k = Qᵀ τ_k [m, d_out] and
-  c_k = 1/‖h_k‖² = 1/‖τ_k‖², returned as factors (a = Q, b [m, d_out], scale 1; rank m ≤ Σr).
+  c_k = 1/‖h_k‖² = 1/‖τ_k‖² (computed as a least-squares solve, not through the Gram
+  matrix), returned as factors (a = Q, b [m, d_out], scale 1; rank m ≤ Σr).
   Tasks with orthogonal input subspaces merge to their sum; one adapter is reproduced.
   Data-free; mixed ranks allowed; computed in float32."""
   del opts
@@ -349,16 +350,17 @@ def _wudi(adapters, w, paths, opts) -> MergeResult:
     fs = [ad[p] for ad in adapters]
     a_s = [f.a.astype(jnp.float32) for f in fs]
     q, _ = jnp.linalg.qr(jnp.concatenate(a_s, axis=-1))  # [I, m]
-    gram = jnp.zeros((q.shape[1], q.shape[1]), jnp.float32)
-    rhs = jnp.zeros((q.shape[1], fs[0].b.shape[1]), jnp.float32)
+    # Σ c_k h_k h_kᵀ = G Gᵀ with G = [√c_k h_k]_k, and Σ c_k h_k h_kᵀ h_k = G Z with
+    # Z = [√c_k h_kᵀ h_k]_k stacked, so b = (G Gᵀ)⁺ G Z = (Gᵀ)⁺ Z: solved on Gᵀ itself,
+    # whose condition number is the square root of the Gram matrix's (float32 keeps it exact).
+    gt, z = [], []
     for k, f in enumerate(fs):
       h = (f.scale * w[k]) * ((q.T @ a_s[k]) @ f.b.astype(jnp.float32))  # τ_k = Q h
       norm2 = jnp.sum(h * h)
-      c = jnp.where(norm2 > 0, 1.0 / jnp.where(norm2 > 0, norm2, 1.0), 0.0)
-      g = c * (h @ h.T)
-      gram = gram + g
-      rhs = rhs + g @ h
-    b = jnp.linalg.pinv(gram, hermitian=True) @ rhs
+      root_c = jnp.where(norm2 > 0, 1.0 / jnp.sqrt(jnp.where(norm2 > 0, norm2, 1.0)), 0.0)
+      gt.append(root_c * h.T)  # [O, m]
+      z.append(root_c * (h.T @ h))  # [O, O]
+    b = jnp.linalg.pinv(jnp.concatenate(gt, axis=0)) @ jnp.concatenate(z, axis=0)
     out[p] = lora_lib.LoraFactors(q, b, 1.0)
   return MergeResult("wudi", "factors", adapter=out)
 
