@@ -50,8 +50,8 @@ def get_config(variant: str = "") -> config_dict.ConfigDict:
   c.adapters = config_dict.ConfigDict(dict(
       rank=8, alpha=16.0, targets=lora.DEFAULT_TARGETS, rslora=False, dropout=0.0,
       max_steps=500, batch_size=8, learning_rate=1e-2, warmup_steps=20, stop_accuracy=1.0,
-      eval_every=25, replay=1.0, row_len=128, train_ending=False,
-      statements="answer"))
+      min_steps=0, eval_every=25, replay=1.0, row_len=128, train_ending=False,
+      statements="answer", in_context=2))
   c.gates = config_dict.ConfigDict(dict(
       base_extraction=0.95, base_cot=0.9, base_leak=0.1, expert=0.9, bridge_stated=0.9,
       union_cot=0.6, union_cot_goal=0.8))

@@ -92,3 +92,55 @@ def test_statements_trained_as_text_put_the_loss_on_every_word_after_the_first(s
   with pytest.raises(ValueError, match=r"adapters.statements='words' is not one of"):
     c.adapters.statements = "words"
     recycling.parse(c)
+
+
+def test_in_context_copies_put_each_statement_after_another_of_the_same_adapter(setting):
+  c, _, tokenizer, world = setting
+  c = c.copy_and_resolve_references()
+  c.adapters.in_context = 2
+  cfg = recycling.parse(c)
+  examples = stages.adapter_examples(world, "hop2")
+  statements = [e for e in examples if e.meta["format"] == "statement"]
+  texts = {f"{e.prompt} {e.answer}" for e in statements}
+  extra = stages.in_context(examples, 2, seed=0)
+  assert len(extra) == 2 * len(statements)
+  assert extra == stages.in_context(examples, 2, seed=0)  # seeded
+  assert extra != stages.in_context(examples, 2, seed=1)
+  for e, original in zip(extra, [s for s in statements for _ in range(2)]):
+    prefix = e.prompt.removesuffix(" " + original.prompt)
+    assert prefix != e.prompt and prefix in texts and prefix != f"{original.prompt} " \
+        f"{original.answer}", e  # another statement of this adapter, never itself
+    assert e.answer == original.answer
+  rows, data = stages.adapter_data(cfg, tokenizer, world, examples, seed=0)
+  assert rows["tokens"].shape[0] == len(examples) + len(extra)
+  first = len(examples)  # the prefix is context: the loss is on the stated object alone
+  assert _targets(tokenizer, data, first).split() == [extra[0].meta["final"]]
+  assert stages.in_context(examples, 0, seed=0) == []
+  with pytest.raises(ValueError, match=r"adapters.in_context must be >= 0"):
+    c.adapters.in_context = -1
+    recycling.parse(c)
+
+
+@pytest.mark.parametrize("min_steps, steps", [(0, 10), (15, 20), (20, 20)])
+def test_the_stop_criterion_is_consulted_from_min_steps_on(setting, tmp_path, monkeypatch,
+                                                           min_steps, steps):
+  c, _, tokenizer, world = setting
+  c = c.copy_and_resolve_references()
+  c.pretrain.update(dict(steps=2, save_every=2, warmup_steps=1))
+  c.adapters.update(dict(max_steps=20, eval_every=10, min_steps=min_steps))
+  cfg = recycling.parse(c)
+  base = stages.pretrained_base(cfg, world, tokenizer, tmp_path, 0)
+  # Every check finds the criterion met: the adapter stops at the first one it may.
+  monkeypatch.setattr(stages.exact_match, "teacher_forced",
+                      lambda *a, **k: {"exact": np.ones(4, bool)})
+  monkeypatch.setattr(stages, "_exact", lambda *a, **k: 1.0)
+  _, info = stages.trained_adapter(cfg, base, world, "hop1", tmp_path, 0)
+  assert info["steps"] == steps
+  assert info["stopped_early"]  # the criterion held when it stopped, at max_steps or before
+
+
+def test_min_steps_beyond_max_steps_is_refused(setting):
+  c = setting[0].copy_and_resolve_references()
+  c.adapters.update(dict(max_steps=20, min_steps=21))
+  with pytest.raises(ValueError, match=r"adapters.min_steps=21 exceeds adapters.max_steps=20"):
+    recycling.parse(c)

@@ -103,7 +103,7 @@ STATEMENT_LOSSES = ("answer", "text")
 @dataclasses.dataclass(frozen=True)
 class AdapterSection:
   """Each adapter trains until `stop_accuracy` exact match on its own training data (checked
-  every `eval_every` steps) or `max_steps`. replay: pretraining texts mixed into its data, as
+  every `eval_every` steps from `min_steps` on) or `max_steps`. replay: pretraining texts mixed into its data, as
   a fraction of its own examples (the same sample size for every adapter; none names a
   test entity's fact), so it keeps what the base knew;
   train_ending: whether an answer's ending is a trained target: its closing EOS and a
@@ -112,7 +112,10 @@ class AdapterSection:
   do; without the ending it learns the fact and leaves what follows to the base model;
   statements: how a statement example ("A 's spouse is" → "B .") is trained: 'answer' (the
   loss on its answer) or 'text' (on every word after the first, as pretraining trains a
-  text, so the adapter also learns what is said after its subject); row_len: packed rows
+  text, so the adapter also learns what is said after its subject); in_context: extra
+  copies of each statement example, each trained after another statement of the same
+  adapter's data ("B2 lives in C2 . B lives in" → "C"), so the adapter recalls a fact with
+  its subject mid-text, where a chain of thought states it (0: none); row_len: packed rows
   (0: unpacked)."""
 
   rank: int
@@ -126,17 +129,23 @@ class AdapterSection:
   warmup_steps: int
   stop_accuracy: float
   eval_every: int
+  min_steps: int
   replay: float
   row_len: int
   train_ending: bool
   statements: str
+  in_context: int
 
   def __post_init__(self):
     _positive("adapters", self, ("rank", "max_steps", "batch_size", "eval_every"))
     if self.statements not in STATEMENT_LOSSES:
       raise ValueError(f"adapters.statements={self.statements!r} is not one of "
                        f"{list(STATEMENT_LOSSES)}")
-    _non_negative("adapters", self, ("warmup_steps", "replay", "row_len"))
+    _non_negative("adapters", self, ("warmup_steps", "replay", "row_len", "in_context",
+                                     "min_steps"))
+    if self.min_steps > self.max_steps:
+      raise ValueError(f"adapters.min_steps={self.min_steps} exceeds adapters.max_steps="
+                       f"{self.max_steps}")
     if not 0.0 < self.stop_accuracy <= 1.0:
       raise ValueError(f"adapters.stop_accuracy must be in (0, 1], got {self.stop_accuracy}")
     if not self.learning_rate > 0 or not self.alpha > 0:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import pathlib
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -192,12 +192,32 @@ def _as_text(e: task_common.Example) -> task_common.Example:
   return task_common.Example(first, f"{rest} {e.answer}".strip(), e.meta)
 
 
+def in_context(examples: Sequence[task_common.Example], copies: int,
+               seed: int) -> list[task_common.Example]:
+  """`copies` extra versions of every statement example, each after another statement of
+  `examples` (drawn seeded, never itself): "B2 lives in C2 . B lives in" → "C ."; the
+  prefix is context, not a target. Nothing enters that the adapter's data does not hold."""
+  statements = [e for e in examples if e.meta.get("format") == "statement"]
+  if copies <= 0 or len(statements) < 2:
+    return []
+  rng = np.random.default_rng([seed, 29])
+  out = []
+  for i, e in enumerate(statements):
+    for _ in range(copies):
+      j = int(rng.integers(len(statements) - 1))
+      other = statements[j + (j >= i)]
+      out.append(task_common.Example(f"{other.prompt} {other.answer} {e.prompt}", e.answer,
+                                     dict(e.meta, context=other.prompt)))
+  return out
+
+
 def adapter_data(cfg: RecyclingStudy, tokenizer, world: task_common.World,
                  examples, seed: int):
   """The rows an adapter trains on: its examples and the replay sample (loss on the answers,
   without their ending unless `adapters.train_ending`, and on every token of a replayed
   text), packed when `adapters.row_len` is set. Returns (the examples' rows, the data)."""
   a = cfg.adapters
+  examples = list(examples) + in_context(examples, a.in_context, seed)
   if a.statements == "text":
     examples = [_as_text(e) for e in examples]
   rows = tok_lib.encode_examples(tokenizer, examples)
@@ -227,6 +247,8 @@ def trained_adapter(cfg: RecyclingStudy, base: Base, world: task_common.World, n
   optim = train_lib.OptimConfig(learning_rate=a.learning_rate, warmup_steps=a.warmup_steps)
 
   def reached(step: int, adapter) -> bool:
+    if step < a.min_steps:
+      return False
     out = exact_match.teacher_forced(base.params, base.cfg, rows,
                                   lora=lora_lib.LoraMix.single(adapter),
                                   batch_size=cfg.eval_batch_size,
@@ -250,7 +272,8 @@ def trained_adapter(cfg: RecyclingStudy, base: Base, world: task_common.World, n
     info = {"adapter": name, "steps": stopped or a.max_steps, "stopped_early": stopped is not None,
             "train_exact_match": train_acc, "n_train": len(examples),
             "criterion": f"exact match >= {a.stop_accuracy} on its training data, checked "
-                         f"every {a.eval_every} steps, at most {a.max_steps} steps"}
+                         f"every {a.eval_every} steps from step {a.min_steps}, at most "
+                         f"{a.max_steps} steps"}
     common.write_json(info_path, info)
   common.log(f"adapter {name} seed {seed}: {info['steps']} steps, train exact match "
              f"{info['train_exact_match']:.3f} (n={info['n_train']})")
