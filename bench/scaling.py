@@ -57,7 +57,7 @@ def _point(sizes: ScalingSizes, cache: dict, quiet: common.Quiet | None, *,
     cfg = _model_for(sizes.model, d_model)
     k0 = jax.random.key(sizes.seed)
     params = transformer.init(jax.random.fold_in(k0, 0), cfg)
-    spec = lora_lib.LoraSpec(rank=rank, alpha=2.0 * rank)
+    spec = lora_lib.LoraConfig(rank=rank, alpha=2.0 * rank)
     adapters = [scoring.random_adapter(jax.random.fold_in(k0, 1 + k), params, spec)
                 for k in range(num_adapters)]
     cache.clear()  # one model at a time

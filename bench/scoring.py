@@ -97,7 +97,7 @@ def plan_chunk(params, adapters, num_combinations: int, batch, cfg) -> int:
 
 # --- identical weights on both sides --------------------------------------------------------
 
-def random_adapter(key: jax.Array, params, spec: lora_lib.LoraSpec, b_std: float = 0.05):
+def random_adapter(key: jax.Array, params, spec: lora_lib.LoraConfig, b_std: float = 0.05):
   """A LoRA adapter with PEFT's init for a and b ~ N(0, b_std) (a trained-looking update)."""
   adapter = lora_lib.init(jax.random.fold_in(key, 0), params, spec)
   return {p: lora_lib.LoraFactors(
@@ -119,7 +119,7 @@ def make_setup(cfg: transformer.ModelConfig, num_adapters: int, rank: int, alpha
   """Random base + adapters written through the interop layer and read back."""
   key = jax.random.key(seed)
   params = transformer.init(jax.random.fold_in(key, 0), cfg)
-  spec = lora_lib.LoraSpec(rank=rank, alpha=alpha)
+  spec = lora_lib.LoraConfig(rank=rank, alpha=alpha)
   base_dir = directory / "base"
   hf.export_checkpoint(base_dir, cfg, params, arch="llama")
   dirs = []

@@ -209,7 +209,7 @@ def run_model(name: str, cfg: transformer.ModelConfig, sizes: TrainingSizes,
   """Both sides, LoRA and full, on one model, timed side by side."""
   key = jax.random.key(sizes.seed)
   params = transformer.init(jax.random.fold_in(key, 0), cfg)
-  spec = lora_lib.LoraSpec(rank=sizes.rank, alpha=sizes.alpha)
+  spec = lora_lib.LoraConfig(rank=sizes.rank, alpha=sizes.alpha)
   adapter = lora_lib.init(jax.random.fold_in(key, 1), params, spec)
   batch = make_batch(sizes.batch_size, sizes.seq_len, cfg.vocab_size, sizes.seed)
   base_dir, adapter_dir = workdir / f"{name}-base", workdir / f"{name}-adapter"

@@ -213,7 +213,7 @@ def train_utilisation(sizes: UtilisationSizes, peak: float, log=print,
     key = jax.random.key(sizes.seed)
     params = transformer.init(jax.random.fold_in(key, 0), cfg)
     adapter = lora_lib.init(jax.random.fold_in(key, 1), params,
-                            lora_lib.LoraSpec(rank=sizes.rank, alpha=16.0))
+                            lora_lib.LoraConfig(rank=sizes.rank, alpha=16.0))
     batch = training.make_batch(sizes.batch_size, sizes.seq_len, cfg.vocab_size, sizes.seed)
     out[name] = {}
     trainers = {kind: training.OurTrainer(cfg, params, adapter, batch, kind, sizes.seed)

@@ -263,7 +263,7 @@ def pretrain(model_cfg: transformer.ModelConfig, data: data_lib.Encoded, *,
   return params, history
 
 
-def train_lora(params, model_cfg: transformer.ModelConfig, spec: lora_lib.LoraSpec,
+def train_lora(params, model_cfg: transformer.ModelConfig, spec: lora_lib.LoraConfig,
                data: data_lib.Encoded, *, optim: OptimConfig, loop: LoopConfig, mesh=None,
                checkpoint_dir: str | None = None, record=None, on_metrics=None,
                stop_fn: StopFn | None = None):

@@ -167,7 +167,7 @@ def test_greedy_decode_matches_a_naive_loop(random_model):
 
 
 def _adapter(params, seed, rank=2):
-  adapter = lora_lib.init(jax.random.key(seed), params, lora_lib.LoraSpec(rank=rank, alpha=2.0))
+  adapter = lora_lib.init(jax.random.key(seed), params, lora_lib.LoraConfig(rank=rank, alpha=2.0))
   return {p: dataclasses.replace(f, b=jax.random.normal(jax.random.key(seed + p.count("/")),
                                                         f.b.shape) * 0.5)
           for p, f in adapter.items()}

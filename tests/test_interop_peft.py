@@ -104,7 +104,7 @@ def random_adapter(params, targets, ranks, scales, seed=0):
   key = jax.random.key(seed)
   out = {}
   for i, path in enumerate(paths):
-    spec = lora.LoraSpec(rank=ranks[i % len(ranks)], alpha=1.0, targets=f"^{path}$")
+    spec = lora.LoraConfig(rank=ranks[i % len(ranks)], alpha=1.0, targets=f"^{path}$")
     f = lora.init(jax.random.fold_in(key, i), params, spec)[path]
     b = 0.5 * jax.random.normal(jax.random.fold_in(key, 1000 + i), f.b.shape)
     out[path] = lora.LoraFactors(f.a, b, scales[i % len(scales)])

@@ -25,7 +25,7 @@ def tokens():
 
 
 def _random_adapter(key, params, rank=4, **kw):
-  ad = lora_lib.init(key, params, lora_lib.LoraSpec(rank=rank, **kw))
+  ad = lora_lib.init(key, params, lora_lib.LoraConfig(rank=rank, **kw))
   return {p: lora_lib.LoraFactors(f.a, 0.2 * jax.random.normal(jax.random.fold_in(key, i), f.b.shape),
                                   f.scale) for i, (p, f) in enumerate(sorted(ad.items()))}
 
@@ -40,7 +40,7 @@ def test_params_are_named_by_path(params):
 
 
 def test_default_targets_cover_attention_and_mlp(params):
-  ad = lora_lib.init(jax.random.key(2), params, lora_lib.LoraSpec(rank=2))
+  ad = lora_lib.init(jax.random.key(2), params, lora_lib.LoraConfig(rank=2))
   names = {p.split("/")[-2] for p in ad}
   assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
   assert len(ad) == 14
@@ -48,7 +48,7 @@ def test_default_targets_cover_attention_and_mlp(params):
 
 
 def test_fresh_adapter_leaves_model_unchanged(params, tokens):
-  ad = lora_lib.init(jax.random.key(2), params, lora_lib.LoraSpec(rank=4))
+  ad = lora_lib.init(jax.random.key(2), params, lora_lib.LoraConfig(rank=4))
   base = transformer.apply(params, tokens, CFG)
   adapted = transformer.apply(params, tokens, CFG, lora=lora_lib.LoraMix.single(ad))
   np.testing.assert_array_equal(np.asarray(base), np.asarray(adapted))
@@ -57,8 +57,8 @@ def test_fresh_adapter_leaves_model_unchanged(params, tokens):
 
 
 def test_scaling_alpha_over_r_and_rslora():
-  assert lora_lib.LoraSpec(rank=4, alpha=8).scale == 2.0
-  assert lora_lib.LoraSpec(rank=4, alpha=8, rslora=True).scale == 4.0
+  assert lora_lib.LoraConfig(rank=4, alpha=8).scale == 2.0
+  assert lora_lib.LoraConfig(rank=4, alpha=8, rslora=True).scale == 4.0
 
 
 @pytest.mark.parametrize("shape", ["K", "BK", "BTK"])
@@ -167,30 +167,30 @@ def test_architecture_variants_run(variant, tokens):
 
 def test_error_target_regex_matches_nothing(params):
   with pytest.raises(ValueError, match=r"targets='nothing_here' matches no 2-D kernel"):
-    lora_lib.init(jax.random.key(0), params, lora_lib.LoraSpec(targets="nothing_here"))
+    lora_lib.init(jax.random.key(0), params, lora_lib.LoraConfig(targets="nothing_here"))
 
 
 @pytest.mark.parametrize("rank", [0, -2])
 def test_error_nonpositive_rank(rank):
-  with pytest.raises(ValueError, match="LoraSpec.rank must be a positive int"):
-    lora_lib.LoraSpec(rank=rank)
+  with pytest.raises(ValueError, match="LoraConfig.rank must be a positive int"):
+    lora_lib.LoraConfig(rank=rank)
 
 
 def test_error_rank_exceeds_dims(params):
   with pytest.raises(ValueError, match=r"rank=17 exceeds min\(d_in, d_out\)=16 at 'layers/0/attn/k_proj/kernel'"):
-    lora_lib.init(jax.random.key(0), params, lora_lib.LoraSpec(rank=17, targets="k_proj"))
+    lora_lib.init(jax.random.key(0), params, lora_lib.LoraConfig(rank=17, targets="k_proj"))
 
 
 def test_error_adapter_shape_mismatch(params):
   other_cfg = transformer.ModelConfig(vocab_size=61, d_model=48, n_layers=2, n_heads=4, d_ff=48)
   other = transformer.init(jax.random.key(0), other_cfg)
-  ad = lora_lib.init(jax.random.key(0), other, lora_lib.LoraSpec(rank=2))
+  ad = lora_lib.init(jax.random.key(0), other, lora_lib.LoraConfig(rank=2))
   with pytest.raises(ValueError, match=r"adapter at 'layers/0/attn/k_proj/kernel' has a \(48, 2\)"):
     lora_lib.merge(params, ad)
 
 
 def test_error_adapter_path_missing(params):
-  ad = lora_lib.init(jax.random.key(0), params, lora_lib.LoraSpec(rank=2))
+  ad = lora_lib.init(jax.random.key(0), params, lora_lib.LoraConfig(rank=2))
   ad["layers/9/attn/q_proj/kernel"] = ad["layers/0/attn/q_proj/kernel"]
   with pytest.raises(ValueError, match="'layers/9/attn/q_proj/kernel' is not a parameter"):
     lora_lib.check_compatible(params, ad)
@@ -203,8 +203,8 @@ def test_error_mix_weights_wrong_length(params):
 
 
 def test_error_stack_different_paths(params):
-  a = lora_lib.init(jax.random.key(0), params, lora_lib.LoraSpec(rank=2, targets="q_proj"))
-  b = lora_lib.init(jax.random.key(0), params, lora_lib.LoraSpec(rank=2, targets="v_proj"))
+  a = lora_lib.init(jax.random.key(0), params, lora_lib.LoraConfig(rank=2, targets="q_proj"))
+  b = lora_lib.init(jax.random.key(0), params, lora_lib.LoraConfig(rank=2, targets="v_proj"))
   with pytest.raises(ValueError, match="adapter 1 adapts other paths"):
     lora_lib.stack([a, b])
 

@@ -89,7 +89,7 @@ def test_packed_logits_and_loss_equal_one_by_one(loss_on):
   cfg = transformer.ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=2, d_ff=64,
                                 max_len=64)
   params = transformer.init(jax.random.key(0), cfg)
-  adapter = lora_lib.init(jax.random.key(1), params, lora_lib.LoraSpec(rank=2))
+  adapter = lora_lib.init(jax.random.key(1), params, lora_lib.LoraConfig(rank=2))
   adapter = jax.tree.map(lambda x: x + 0.05, adapter)  # non-zero b: the LoRA path matters
   mix = lora_lib.LoraMix.single(adapter)
   data = _dataset([5, 9, 3, 12, 7, 4, 11, 6], seed=3)

@@ -280,7 +280,7 @@ def exported(tmp_path_factory):
   hf.export_checkpoint(root / "single", cfg, params, arch="llama", tokenizer=tok)
   hf.export_checkpoint(root / "sharded", cfg, params, arch="llama", tokenizer=tok,
                        max_shard_bytes=4000)
-  adapter = lora_lib.init(jax.random.key(1), params, lora_lib.LoraSpec(rank=2))
+  adapter = lora_lib.init(jax.random.key(1), params, lora_lib.LoraConfig(rank=2))
   peft.save_adapter(adapter, root / "peft")
   tok.save_pretrained(str(root / "tokenizer"))
   return _Exported(root, params)

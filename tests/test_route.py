@@ -61,7 +61,7 @@ def test_arrow_hand_computed_two_adapters_three_tokens():
 def _random_adapters(params, ranks, seed=0):
   out = []
   for k, r in enumerate(ranks):
-    ad = lora_lib.init(jax.random.key(seed + k), params, lora_lib.LoraSpec(rank=r, alpha=2.0 * r))
+    ad = lora_lib.init(jax.random.key(seed + k), params, lora_lib.LoraConfig(rank=r, alpha=2.0 * r))
     out.append({p: lora_lib.LoraFactors(
         f.a, 0.3 * jax.random.normal(jax.random.key(100 * seed + 10 * k + i), f.b.shape),
         f.scale) for i, (p, f) in enumerate(sorted(ad.items()))})

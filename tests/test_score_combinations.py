@@ -23,7 +23,7 @@ def setup():
   params = transformer.init(jax.random.key(0), CFG)
   ads = []
   for k in range(3):
-    ad = lora_lib.init(jax.random.key(10 + k), params, lora_lib.LoraSpec(rank=2, alpha=4.0))
+    ad = lora_lib.init(jax.random.key(10 + k), params, lora_lib.LoraConfig(rank=2, alpha=4.0))
     ads.append({p: lora_lib.LoraFactors(
         2.0 * f.a, 0.5 * jax.random.normal(jax.random.key(100 * k + i), f.b.shape), f.scale)
         for i, (p, f) in enumerate(sorted(ad.items()))})

@@ -32,8 +32,8 @@ class DataStudy:
   study: str = "data"
   seeds: tuple[int, ...] = (0, 1, 2)
   worlds: tuple[str, ...] = tasks.KINDS
-  two_hop: tasks.TwoHopSettings = tasks.TwoHopSettings()
-  math: tasks.MathSettings = tasks.MathSettings()
+  two_hop: tasks.TwoHopConfig = tasks.TwoHopConfig()
+  math: tasks.MathConfig = tasks.MathConfig()
 
   def __post_init__(self):
     if not self.seeds or len(set(self.seeds)) != len(self.seeds):

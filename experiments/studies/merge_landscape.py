@@ -187,7 +187,7 @@ def train_models(study: LandscapeStudy, world: dict, cfg: transformer.ModelConfi
     summary["pretrain_final_loss"] = hist[-1]["loss"]
   else:
     params = transformer.init(jax.random.key(study.seed), cfg)
-  spec = lora_lib.LoraSpec(rank=t.rank, alpha=t.alpha)
+  spec = lora_lib.LoraConfig(rank=t.rank, alpha=t.alpha)
   adapters = []
   for k in range(1, study.num_adapters + 1):
     adapter, hist, _ = train_lib.train_lora(

@@ -44,7 +44,7 @@ from lora_limits.tasks import corpus as corpus_lib
 
 GROUP = "math"
 NUMBERS = ("words", "digits")
-_NAME = "MathSettings"
+_NAME = "MathConfig"
 
 SKILL1 = ("a {c} holds {x} {item} . how many {item} are in {n} {cs} ?",
           "each {c} has {x} {item} . how many {item} do {n} {cs} have ?")
@@ -69,7 +69,7 @@ FACTS = (f"{STEP1} .", f"{STEP2} .")
 
 
 @dataclasses.dataclass(frozen=True)
-class MathSettings:
+class MathConfig:
   """Generator settings (see the module docstring).
 
   numbers: 'words' (one token per number; skills are lookup tables) or 'digits' (numbers
@@ -160,7 +160,7 @@ class MathSettings:
     return out
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "MathSettings":
+  def from_dict(cls, d: Mapping[str, Any]) -> "MathConfig":
     return common.settings_from_mapping(cls, d)
 
 
@@ -171,7 +171,7 @@ def _template_words() -> set[str]:
   return out
 
 
-def vocabulary(settings: MathSettings) -> tuple[str, ...]:
+def vocabulary(settings: MathConfig) -> tuple[str, ...]:
   """Every word a world with these settings can contain, for any seed (sorted)."""
   if settings.numbers == "words":
     numbers = {str(i) for i in range(settings.max_number + 1)}
@@ -183,14 +183,14 @@ def vocabulary(settings: MathSettings) -> tuple[str, ...]:
   return tuple(sorted(words))
 
 
-def render(settings: MathSettings, value: int) -> str:
+def render(settings: MathConfig, value: int) -> str:
   """A number as text: one word ('words') or its digits separated by spaces ('digits')."""
   if value < 0:
     raise ValueError(f"render: numbers are non-negative, got {value}")
   return str(value) if settings.numbers == "words" else " ".join(str(value))
 
 
-def _scene(settings: MathSettings, rng) -> dict[str, str]:
+def _scene(settings: MathConfig, rng) -> dict[str, str]:
   """Random scene words: person p (and another, q), item, container c and its plural cs."""
   ci = int(rng.integers(len(settings.containers)))
   pi, qi = rng.choice(len(settings.people), size=2, replace=False)
@@ -311,7 +311,7 @@ def _check_text(where: str, text: str, steps: set[tuple[str, ...]], digits: bool
 # ---------------------------------------------------------------------- build
 
 
-def _split_products(s: MathSettings, pairs: Sequence[tuple[int, int]]):
+def _split_products(s: MathConfig, pairs: Sequence[tuple[int, int]]):
   """(test triples, non-test triples): test products drawn until test_triples are covered."""
   zs = range(1, s.max_subtrahend + 1)
   by_product: dict[int, list[tuple[int, int, int]]] = {}
@@ -340,10 +340,10 @@ def _split_products(s: MathSettings, pairs: Sequence[tuple[int, int]]):
   return test, rest, set(held)
 
 
-def build(settings: MathSettings) -> common.World:
+def build(settings: MathConfig) -> common.World:
   """The world for `settings` (deterministic in settings.seed)."""
-  if not isinstance(settings, MathSettings):
-    raise ValueError(f"build needs MathSettings, got {type(settings).__name__}")
+  if not isinstance(settings, MathConfig):
+    raise ValueError(f"build needs MathConfig, got {type(settings).__name__}")
   s = settings
   pairs = s.factor_pairs()
   test, rest, test_products = _split_products(s, pairs)
@@ -429,7 +429,7 @@ def build(settings: MathSettings) -> common.World:
   return world
 
 
-def _corpus_parts(s: MathSettings, pairs, all_subs, test_products, rest, composed_one):
+def _corpus_parts(s: MathConfig, pairs, all_subs, test_products, rest, composed_one):
   """(corpus parts, recall probes): counting, scenes, skill facts; domain problems if on."""
   num = lambda v: render(s, v)  # noqa: E731
   parts: list[corpus_lib.Part] = []

@@ -59,7 +59,7 @@ POOL_TYPES = ("city", "country")
 TIERS = ("F", "H", "R")
 HYBRID_MODES = ("background", "one_hop")
 _MAX_COUNT = 100_000
-_NAME = "TwoHopSettings"
+_NAME = "TwoHopConfig"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +193,7 @@ def reserved_words(relations: Sequence[Relation]) -> set[str]:
   return out
 
 
-def vocabulary(settings: "TwoHopSettings") -> tuple[str, ...]:
+def vocabulary(settings: "TwoHopConfig") -> tuple[str, ...]:
   """Every word a world with these settings can contain, for any seed (sorted)."""
   names = (name_inventory(settings) if settings.name_style == "token"
            else settings.syllables)
@@ -201,7 +201,7 @@ def vocabulary(settings: "TwoHopSettings") -> tuple[str, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class TwoHopSettings:
+class TwoHopConfig:
   """Generator settings; see the module docstring for the groups and tier definitions.
 
   relations: names in RELATIONS or Relation objects, chained (k = len(relations) >= 2).
@@ -342,7 +342,7 @@ class TwoHopSettings:
     return out
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "TwoHopSettings":
+  def from_dict(cls, d: Mapping[str, Any]) -> "TwoHopConfig":
     d = dict(d)
     if "relations" in d and isinstance(d["relations"], (list, tuple)):
       rels = []
@@ -362,7 +362,7 @@ def _pool_types(chain: Sequence[Relation]) -> list[str]:
   return sorted({r.object for r in chain} & set(POOL_TYPES))
 
 
-def names_needed(settings: TwoHopSettings) -> int:
+def names_needed(settings: TwoHopConfig) -> int:
   """How many distinct names one world of these settings uses (every seed the same)."""
   chains = settings.filler_chains + len(settings.tiers) * (
       settings.test_chains + settings.target_chains)
@@ -370,7 +370,7 @@ def names_needed(settings: TwoHopSettings) -> int:
           + settings.pool_size * len(_pool_types(settings.chain)))
 
 
-def name_inventory(settings: TwoHopSettings) -> tuple[str, ...]:
+def name_inventory(settings: TwoHopConfig) -> tuple[str, ...]:
   """The one-word names of `name_style='token'`: syllables joined, the shortest lengths
   first, each length in a fixed pseudo-random order; exactly `names_needed` of them, so every
   seed uses (and pretraining trains) every name token, in a different assignment."""
@@ -389,7 +389,7 @@ def name_inventory(settings: TwoHopSettings) -> tuple[str, ...]:
 class _TokenNames:
   """Draws one-word names from the inventory in a seeded order (no name twice)."""
 
-  def __init__(self, settings: TwoHopSettings, rng: np.random.Generator):
+  def __init__(self, settings: TwoHopConfig, rng: np.random.Generator):
     inventory = name_inventory(settings)
     self._order = [inventory[i] for i in rng.permutation(len(inventory))]
 
@@ -445,7 +445,7 @@ def _balanced(n: int, pool: Sequence[str], rng: np.random.Generator) -> list[str
   return out[:n]
 
 
-def _make_group(name: str, settings: TwoHopSettings, names, pools: Mapping[str, list[str]],
+def _make_group(name: str, settings: TwoHopConfig, names, pools: Mapping[str, list[str]],
                 memo: dict[tuple[str, str], str], rng, sizes: Sequence[int],
                 cover: bool) -> tuple[_Group, list[list[list[str]]]]:
   """A group whose chains come in blocks of `sizes` (e.g. test, target); the final entity
@@ -489,7 +489,7 @@ def _make_group(name: str, settings: TwoHopSettings, names, pools: Mapping[str, 
   return _Group(name, test, target, attrs, etype), blocks
 
 
-def exposed_hops(tier: str, settings: TwoHopSettings) -> tuple[int, ...]:
+def exposed_hops(tier: str, settings: TwoHopConfig) -> tuple[int, ...]:
   """0-based hops whose facts the tier's pretraining corpus contains."""
   if tier == "R":
     return tuple(range(settings.k))
@@ -536,7 +536,7 @@ def _fact_meta(group: _Group, r: Relation, hop: int, s: str, o: str, split: str,
           "relation": r.name, "template": template}
 
 
-def _fact_examples(group: _Group, settings: TwoHopSettings, hop: int, facts, split: str,
+def _fact_examples(group: _Group, settings: TwoHopConfig, hop: int, facts, split: str,
                    templates: str, one_per_fact: bool) -> tuple[common.Example, ...]:
   """Question → answer examples of hop-`hop` facts ('questions' or 'heldout' templates)."""
   r = settings.chain[hop]
@@ -559,7 +559,7 @@ def _shared(r: Relation, tests: tuple[common.Example, ...]) -> tuple[common.Exam
   return tuple(common.Example(e.prompt, e.answer, {**e.meta, "shared": True}) for e in tests)
 
 
-def _statement_examples(group: _Group, settings: TwoHopSettings, hop: int, facts,
+def _statement_examples(group: _Group, settings: TwoHopConfig, hop: int, facts,
                         split: str) -> tuple[common.Example, ...]:
   """Every statement form of each fact: "A 's spouse is" → "B ." (the statement's text)."""
   r = settings.chain[hop]
@@ -573,7 +573,7 @@ def _statement_examples(group: _Group, settings: TwoHopSettings, hop: int, facts
   return tuple(out)
 
 
-def _composed_examples(group: _Group, settings: TwoHopSettings, chains, split: str, fmt: str,
+def _composed_examples(group: _Group, settings: TwoHopConfig, chains, split: str, fmt: str,
                        one_per_chain: bool) -> tuple[common.Example, ...]:
   rels = settings.chain
   qs = rels[-1].questions
@@ -618,17 +618,17 @@ def _fact_forms(r: Relation, s: str, o: str, questions: bool,
   return forms
 
 
-def fact_free_texts(settings: TwoHopSettings, person: str) -> list[str]:
+def fact_free_texts(settings: TwoHopConfig, person: str) -> list[str]:
   """The echo and frame texts of one person, `fact_free_exposure` of each."""
   phrase = composed_phrase(settings.chain, person)
   texts = [common.fill(ECHO, a=person), FRAME.format(phrase=phrase, a=person)]
   return [t for _ in range(settings.fact_free_exposure) for t in texts]
 
 
-def build(settings: TwoHopSettings) -> common.World:
+def build(settings: TwoHopConfig) -> common.World:
   """The world for `settings` (deterministic in settings.seed); see the module docstring."""
-  if not isinstance(settings, TwoHopSettings):
-    raise ValueError(f"build needs TwoHopSettings, got {type(settings).__name__}")
+  if not isinstance(settings, TwoHopConfig):
+    raise ValueError(f"build needs TwoHopConfig, got {type(settings).__name__}")
   rels, k = settings.chain, settings.k
   if settings.name_style == "token":
     names = _TokenNames(settings, common.rng_for(settings.seed, 0))
@@ -786,7 +786,7 @@ def _dedupe(examples: Sequence[common.Example]) -> tuple[common.Example, ...]:
 def expected_exposure(world: common.World, group: str) -> tuple[dict[str, int], dict[str, int]]:
   """(mentions per person outside the fact-free texts, texts per fact kind) that the tier
   definition prescribes. Pooled entities (cities) are shared by every group: not counted."""
-  s: TwoHopSettings = world.settings
+  s: TwoHopConfig = world.settings
   exposed = exposed_hops(group, s)
   bg = s.background_exposure if group in ("H", "R") else 0
   mentions = {n: bg for n in world.entities[group]["person"]}
