@@ -112,10 +112,10 @@ def make_train_step(model_cfg: transformer.ModelConfig, optimizer: optax.Gradien
     packing = {"positions_BxT": batch.get("positions"),
                "segment_ids_BxT": batch.get("segment_ids")}
     if kind == "full":
-      logits = transformer.apply(trainable, batch["inputs"], model_cfg, **packing)
+      logits = transformer.apply(trainable, model_cfg, batch["inputs"], **packing)
     else:
       mix = lora_lib.LoraMix.single(trainable, dropout=lora_dropout)
-      logits = transformer.apply(frozen, batch["inputs"], model_cfg, lora=mix,
+      logits = transformer.apply(frozen, model_cfg, batch["inputs"], lora=mix,
                                  dropout_key=step_key if lora_dropout > 0 else None, **packing)
     metrics = metrics_lib.batch_metrics(logits, batch["targets"], batch["weights"])
     return metrics["loss"], metrics

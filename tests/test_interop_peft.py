@@ -61,7 +61,7 @@ def torch_logits(model):
 def our_logits(bases, arch, adapter=None):
   _, cfg, params = bases[arch]
   mix = None if adapter is None else lora.LoraMix.single(adapter)
-  return np.asarray(transformer.apply(params, jnp.asarray(TOKENS), cfg, lora=mix))
+  return np.asarray(transformer.apply(params, cfg, jnp.asarray(TOKENS), lora=mix))
 
 
 def make_peft_adapter(bases, arch, directory, seed=0, **config):
@@ -148,7 +148,7 @@ def test_merged_adapter_of_any_rank_and_scale_is_writable(bases, tmp_path):
   model = peft_lib.PeftModel.from_pretrained(torch_base(bases, "llama"), tmp_path).eval()
   summed = lora.LoraMix.of([one, two])
   _, cfg, params = bases["llama"]
-  expected = transformer.apply(params, jnp.asarray(TOKENS), cfg, lora=summed)
+  expected = transformer.apply(params, cfg, jnp.asarray(TOKENS), lora=summed)
   np.testing.assert_allclose(torch_logits(model), np.asarray(expected), atol=1e-4, rtol=0)
 
 

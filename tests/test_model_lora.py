@@ -49,10 +49,10 @@ def test_default_targets_cover_attention_and_mlp(params):
 
 def test_fresh_adapter_leaves_model_unchanged(params, tokens):
   ad = lora_lib.init(jax.random.key(2), params, lora_lib.LoraConfig(rank=4))
-  base = transformer.apply(params, tokens, CFG)
-  adapted = transformer.apply(params, tokens, CFG, lora=lora_lib.LoraMix.single(ad))
+  base = transformer.apply(params, CFG, tokens)
+  adapted = transformer.apply(params, CFG, tokens, lora=lora_lib.LoraMix.single(ad))
   np.testing.assert_array_equal(np.asarray(base), np.asarray(adapted))
-  np.testing.assert_array_equal(np.asarray(transformer.apply(lora_lib.merge(params, ad), tokens, CFG)),
+  np.testing.assert_array_equal(np.asarray(transformer.apply(lora_lib.merge(params, ad), CFG, tokens)),
                                 np.asarray(base))
 
 
@@ -69,32 +69,32 @@ def test_merged_equals_unmerged(params, tokens, shape):
   for a, wk in zip(ads, w):
     merged = lora_lib.merge(merged, a, float(wk))
   weights = {"K": w, "BK": jnp.broadcast_to(w, (3, 3)), "BTK": jnp.broadcast_to(w, (3, 7, 3))}[shape]
-  unmerged = transformer.apply(params, tokens, CFG, lora=lora_lib.LoraMix.of(ads, weights))
-  np.testing.assert_allclose(transformer.apply(merged, tokens, CFG), unmerged, atol=1e-5)
+  unmerged = transformer.apply(params, CFG, tokens, lora=lora_lib.LoraMix.of(ads, weights))
+  np.testing.assert_allclose(transformer.apply(merged, CFG, tokens), unmerged, atol=1e-5)
 
 
 def test_per_example_weights_select_per_row(params, tokens):
   ads = [_random_adapter(jax.random.key(20 + k), params) for k in range(2)]
   w_BxK = jnp.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
-  mixed = transformer.apply(params, tokens, CFG, lora=lora_lib.LoraMix.of(ads, w_BxK))
+  mixed = transformer.apply(params, CFG, tokens, lora=lora_lib.LoraMix.of(ads, w_BxK))
   for row, w in enumerate(w_BxK):
     m = params
     for a, wk in zip(ads, w):
       m = lora_lib.merge(m, a, float(wk))
-    np.testing.assert_allclose(mixed[row], transformer.apply(m, tokens[row:row + 1], CFG)[0],
+    np.testing.assert_allclose(mixed[row], transformer.apply(m, CFG, tokens[row:row + 1])[0],
                                atol=1e-5)
 
 
 def test_factor_mode_equals_merging_averaged_factors(params, tokens):
   ads = [_random_adapter(jax.random.key(30 + k), params) for k in range(2)]
   w = jnp.array([0.5, 0.5])
-  mixed = transformer.apply(params, tokens, CFG, lora=lora_lib.LoraMix.of(ads, w, mode="factors"))
+  mixed = transformer.apply(params, CFG, tokens, lora=lora_lib.LoraMix.of(ads, w, mode="factors"))
   avg = {p: lora_lib.LoraFactors(0.5 * (ads[0][p].a + ads[1][p].a),
                                  0.5 * (ads[0][p].b + ads[1][p].b), ads[0][p].scale) for p in ads[0]}
-  np.testing.assert_allclose(mixed, transformer.apply(lora_lib.merge(params, avg), tokens, CFG),
+  np.testing.assert_allclose(mixed, transformer.apply(lora_lib.merge(params, avg), CFG, tokens),
                              atol=1e-5)
   # ... which is not the average of the updates (cross terms).
-  outputs = transformer.apply(params, tokens, CFG, lora=lora_lib.LoraMix.of(ads, w))
+  outputs = transformer.apply(params, CFG, tokens, lora=lora_lib.LoraMix.of(ads, w))
   assert float(jnp.abs(outputs - mixed).max()) > 1e-4
 
 
@@ -135,10 +135,10 @@ def test_routing_weights_are_reported(params, tokens):
 
   ads = [_random_adapter(jax.random.key(40 + k), params) for k in range(2)]
   mix = lora_lib.LoraMix(stack=lora_lib.stack(ads), router=Half())
-  logits, aux = transformer.apply(params, tokens, CFG, lora=mix, return_aux=True)
+  logits, aux = transformer.apply(params, CFG, tokens, lora=mix, return_aux=True)
   assert set(aux["routing"]) == set(ads[0])
   assert aux["routing"]["layers/0/mlp/down_proj/kernel"].shape == (3, 7, 2)
-  fixed = transformer.apply(params, tokens, CFG, lora=lora_lib.LoraMix.of(ads, jnp.array([.5, .5])))
+  fixed = transformer.apply(params, CFG, tokens, lora=lora_lib.LoraMix.of(ads, jnp.array([.5, .5])))
   np.testing.assert_allclose(logits, fixed, atol=1e-6)
   assert aux["hidden"].shape == (3, 7, 32)
 
@@ -147,8 +147,8 @@ def test_attention_is_causal(params):
   """Right padding needs no mask: later tokens never change earlier logits."""
   a = jnp.array([[5, 6, 7, 8, 9]])
   b = jnp.array([[5, 6, 7, 0, 0]])
-  np.testing.assert_allclose(transformer.apply(params, a, CFG)[:, :3],
-                             transformer.apply(params, b, CFG)[:, :3], atol=1e-6)
+  np.testing.assert_allclose(transformer.apply(params, CFG, a)[:, :3],
+                             transformer.apply(params, CFG, b)[:, :3], atol=1e-6)
 
 
 @pytest.mark.parametrize("variant", [
@@ -159,7 +159,7 @@ def test_attention_is_causal(params):
 def test_architecture_variants_run(variant, tokens):
   cfg = transformer.ModelConfig(vocab_size=61, d_model=32, n_layers=1, n_heads=4, d_ff=40, **variant)
   p = transformer.init(jax.random.key(0), cfg)
-  out = transformer.apply(p, tokens, cfg)
+  out = transformer.apply(p, cfg, tokens)
   assert out.shape == (3, 7, 61) and bool(jnp.all(jnp.isfinite(out)))
 
 

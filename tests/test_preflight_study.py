@@ -36,7 +36,7 @@ def test_hf_checkpoint_and_peft_adapters(tmp_path):
   cfg = transformer.ModelConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, d_ff=32,
                                 tie_embeddings=False)
   params = transformer.init(jax.random.key(0), cfg)
-  hf.export_checkpoint(tmp_path / "ckpt", cfg, params, arch="llama")
+  hf.export_checkpoint(params, cfg, tmp_path / "ckpt", arch="llama")
   dirs = []
   for i, name in enumerate(("hop1", "hop2")):
     spec = lora_lib.LoraConfig(rank=2, alpha=4.0)

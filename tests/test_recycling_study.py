@@ -159,7 +159,7 @@ def test_runs_on_a_hugging_face_checkpoint(tmp_path):
                                  d_ff=64, tie_embeddings=False)
   params = transformer.init(jax.random.key(0), mcfg)
   from lora_limits.interop import hf
-  hf.export_checkpoint(tmp_path / "ckpt", mcfg, params, arch="llama", tokenizer=tok)
+  hf.export_checkpoint(params, mcfg, tmp_path / "ckpt", arch="llama", tokenizer=tok)
   run_cfg = recycling.parse(_smoke(**{"model.hf_path": str(tmp_path / "ckpt"),
                                      "recycle.methods": ("sum",),
                                      "recycle.libraries": ("two",)}))

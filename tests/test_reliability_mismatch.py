@@ -67,14 +67,14 @@ def _entry_points(params, adapter):
   batch = {k: jnp.asarray(v) for k, v in data_lib.lm_batch(
       data_lib.encode([([3, 4, 5], [6, 7])], eos_id=1, pad_id=0), "answer").items()}
   return {
-      "forward": lambda: transformer.apply(params, TOKENS, BASE,
+      "forward": lambda: transformer.apply(params, BASE, TOKENS,
                                            lora=lora_lib.LoraMix.single(adapter)),
       "lora.merge": lambda: lora_lib.merge(params, adapter),
       "merged library forward": lambda: merge_lib.merge([adapter], "sum").apply(params),
       "score_combinations": lambda: score_lib.score_combinations(
           params, [adapter, adapter], weights, batch, cfg=BASE),
       "stack with a fitting adapter": lambda: transformer.apply(
-          params, TOKENS, BASE, lora=lora_lib.LoraMix.of([own, adapter])),
+          params, BASE, TOKENS, lora=lora_lib.LoraMix.of([own, adapter])),
   }
 
 
@@ -100,7 +100,7 @@ def test_adapter_of_a_gated_mlp_on_a_gelu_model_is_refused():
   adapter = _adapter_for(BASE)
   match = r"'layers/0/mlp/gate_proj/kernel' is not a parameter of the model"
   with pytest.raises(ValueError, match=match):
-    transformer.apply(gelu_params, TOKENS, gelu, lora=lora_lib.LoraMix.single(adapter))
+    transformer.apply(gelu_params, gelu, TOKENS, lora=lora_lib.LoraMix.single(adapter))
   with pytest.raises(ValueError, match=match):
     lora_lib.merge(gelu_params, adapter)
 
@@ -120,15 +120,15 @@ def test_other_targets_are_refused_in_a_library(params):
     score_lib.score_combinations(params, [all_targets, attention], np.ones((1, 2)), batch,
                                 cfg=BASE)
   # Alone, an adapter of fewer targets fits.
-  transformer.apply(params, TOKENS, BASE, lora=lora_lib.LoraMix.single(attention))
+  transformer.apply(params, BASE, TOKENS, lora=lora_lib.LoraMix.single(attention))
 
 
 def test_mixed_ranks_stack_exactly(params):
   """Not a mismatch: ranks may differ (zero-padded), and the mix equals the sum."""
   r2 = _nonzero(lora_lib.init(jax.random.key(1), params, lora_lib.LoraConfig(rank=2)))
   r4 = _nonzero(lora_lib.init(jax.random.key(2), params, lora_lib.LoraConfig(rank=4)), 0.02)
-  mixed = transformer.apply(params, TOKENS, BASE, lora=lora_lib.LoraMix.of([r2, r4]))
-  merged = transformer.apply(lora_lib.merge(lora_lib.merge(params, r2), r4), TOKENS, BASE)
+  mixed = transformer.apply(params, BASE, TOKENS, lora=lora_lib.LoraMix.of([r2, r4]))
+  merged = transformer.apply(lora_lib.merge(lora_lib.merge(params, r2), r4), BASE, TOKENS)
   np.testing.assert_allclose(np.asarray(mixed), np.asarray(merged), atol=2e-5)
 
 

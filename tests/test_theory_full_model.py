@@ -93,8 +93,8 @@ def test_capture_records_inputs_and_changes_nothing(params):
   paths = ["layers/0/attn/q_proj/kernel", "layers/0/attn/v_proj/kernel",
            "layers/1/mlp/down_proj/kernel", "layers/1/mlp/up_proj/kernel",
            "layers/1/mlp/gate_proj/kernel"]
-  logits, aux = transformer.apply(params, tokens, CFG, capture=paths)
-  np.testing.assert_array_equal(logits, transformer.apply(params, tokens, CFG))
+  logits, aux = transformer.apply(params, CFG, tokens, capture=paths)
+  np.testing.assert_array_equal(logits, transformer.apply(params, CFG, tokens))
   assert set(aux["captured"]) == set(paths)
   x = fm.layer_inputs(params, CFG, tokens, paths)
   # Layer 0's attention reads RMSNorm(embedding) · scale.

@@ -90,7 +90,7 @@ def test_wudi_runs_inside_the_many_combination_scorer():
   scores = score_lib.score_combinations(params, ads, w, batch, cfg=cfg, method="wudi")
   for c in range(3):
     merged = merge_lib.merge(ads, "wudi", w[c]).apply(params)
-    logits = transformer.apply(merged, jnp.asarray(batch["inputs"]), cfg)
+    logits = transformer.apply(merged, cfg, jnp.asarray(batch["inputs"]))
     loss = metrics_lib.batch_metrics(logits, jnp.asarray(batch["targets"]),
                                      jnp.asarray(batch["weights"]))["loss"]
     np.testing.assert_allclose(float(scores[c]), float(loss), rtol=1e-4)

@@ -1,6 +1,6 @@
 """A decoder-only transformer in Flax Linen behind a pure functional boundary.
 
-`init(key, cfg) -> params` and `apply(params, tokens, ...) -> logits`, where `params` is a
+`init(key, cfg) -> params` and `apply(params, cfg, tokens, ...) -> logits`, where `params` is a
 plain nested dict whose '/'-joined paths name the kernels, e.g.
 `layers/3/attn/q_proj/kernel`. The default is Llama-style (RMSNorm, rotary positions,
 SwiGLU, optional grouped-query attention, tied or untied embeddings); the switches in
@@ -332,7 +332,7 @@ def init(key: jax.Array, cfg: ModelConfig) -> Params:
   return dict(variables["params"])
 
 
-def apply(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig, *,
+def apply(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, *,
           lora: lora_lib.LoraMix | None = None,
           positions_BxT: jax.Array | None = None,
           segment_ids_BxT: jax.Array | None = None,
