@@ -39,6 +39,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lora_limits import validate
 from lora_limits.tasks import common
 from lora_limits.tasks import corpus as corpus_lib
 
@@ -105,22 +106,22 @@ class MathConfig:
   containers_plural: tuple[str, ...] = ("boxes", "bags", "crates", "baskets")
 
   def __post_init__(self):
-    common.check_int(_NAME, "seed", self.seed, 0, 2**32 - 1)
-    common.check_choice(_NAME, "numbers", self.numbers, NUMBERS)
-    common.check_int(_NAME, "max_factor", self.max_factor, 3, 30)
-    common.check_int(_NAME, "max_multiplicand", self.max_multiplicand, 11, 99)
-    common.check_int(_NAME, "max_subtrahend", self.max_subtrahend, 1, 100)
-    common.check_int(_NAME, "test_triples", self.test_triples, 1, 100_000)
-    common.check_int(_NAME, "target_triples", self.target_triples, 1, 100_000)
-    common.check_bool(_NAME, "domain_pretraining", self.domain_pretraining)
-    common.check_int(_NAME, "domain_problems", self.domain_problems,
+    validate.integer(f"{_NAME}.seed", self.seed, 0, 2**32 - 1)
+    validate.choice(f"{_NAME}.numbers", self.numbers, NUMBERS)
+    validate.integer(f"{_NAME}.max_factor", self.max_factor, 3, 30)
+    validate.integer(f"{_NAME}.max_multiplicand", self.max_multiplicand, 11, 99)
+    validate.integer(f"{_NAME}.max_subtrahend", self.max_subtrahend, 1, 100)
+    validate.integer(f"{_NAME}.test_triples", self.test_triples, 1, 100_000)
+    validate.integer(f"{_NAME}.target_triples", self.target_triples, 1, 100_000)
+    validate.boolean(f"{_NAME}.domain_pretraining", self.domain_pretraining)
+    validate.integer(f"{_NAME}.domain_problems", self.domain_problems,
                      1 if self.domain_pretraining else 0, 100_000)
-    common.check_int(_NAME, "fact_repeats", self.fact_repeats, 1, 1000)
-    common.check_int(_NAME, "background_repeats", self.background_repeats, 1, 1000)
-    common.check_int(_NAME, "scene_sentences", self.scene_sentences, 0, 1_000_000)
+    validate.integer(f"{_NAME}.fact_repeats", self.fact_repeats, 1, 1000)
+    validate.integer(f"{_NAME}.background_repeats", self.background_repeats, 1, 1000)
+    validate.integer(f"{_NAME}.scene_sentences", self.scene_sentences, 0, 1_000_000)
     for name, min_len in (("people", 2), ("items", 1), ("containers", 1),
                           ("containers_plural", 1)):
-      common.check_words(_NAME, name, getattr(self, name), min_len)
+      common.check_words(f"{_NAME}.{name}", getattr(self, name), min_len)
     if len(self.containers) != len(self.containers_plural):
       raise ValueError(f"{_NAME}.containers_plural has {len(self.containers_plural)} words, "
                        f"containers has {len(self.containers)}; give one plural per container")

@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from lora_limits import validate
 from lora_limits.tasks import common
 from lora_limits.tasks import corpus as corpus_lib
 
@@ -87,8 +88,8 @@ class Relation:
     where = f"Relation({self.name!r})"
     if not isinstance(self.name, str) or not self.name.isidentifier():
       raise ValueError(f"Relation.name must be an identifier, got {self.name!r}")
-    common.check_choice(where, "subject", self.subject, ENTITY_TYPES)
-    common.check_choice(where, "object", self.object, ENTITY_TYPES)
+    validate.choice(f"{where}.subject", self.subject, ENTITY_TYPES)
+    validate.choice(f"{where}.object", self.object, ENTITY_TYPES)
     for field, required in (("statements", ("a", "b")), ("questions", ("a",)),
                             ("heldout", ("a",))):
       templates = getattr(self, field)
@@ -243,7 +244,7 @@ class TwoHopConfig:
   filler_repeats: int = 2
 
   def __post_init__(self):
-    common.check_int(_NAME, "seed", self.seed, 0, 2**32 - 1)
+    validate.integer(f"{_NAME}.seed", self.seed, 0, 2**32 - 1)
     if not isinstance(self.relations, tuple) or not 2 <= len(self.relations) <= 6:
       raise ValueError(f"{_NAME}.relations must be a tuple of 2 to 6 relations, got "
                        f"{self.relations!r}")
@@ -270,18 +271,16 @@ class TwoHopConfig:
       raise ValueError(f"{_NAME}.tiers must be a non-empty tuple of {list(TIERS)}, got "
                        f"{self.tiers!r}")
     for t in self.tiers:
-      common.check_choice(_NAME, "tiers", t, TIERS)
+      validate.choice(f"{_NAME}.tiers", t, TIERS)
     if len(set(self.tiers)) != len(self.tiers):
       raise ValueError(f"{_NAME}.tiers repeats a tier: {self.tiers!r}")
     for name in ("test_chains", "target_chains", "filler_chains", "pool_size",
                  "filler_repeats", "probe_chains"):
-      common.check_int(_NAME, name, getattr(self, name), 1, _MAX_COUNT)
+      validate.integer(f"{_NAME}.{name}", getattr(self, name), 1, _MAX_COUNT)
     for name in ("background_exposure", "fact_exposure", "fact_free_exposure"):
-      common.check_int(_NAME, name, getattr(self, name), 0, _MAX_COUNT)
+      validate.integer(f"{_NAME}.{name}", getattr(self, name), 0, _MAX_COUNT)
     for name in ("composed_share", "statement_share"):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-        raise ValueError(f"{_NAME}.{name} must be a number in [0, 1), got {v!r}")
+      validate.number(f"{_NAME}.{name}", getattr(self, name), 0, 1, high_open=True)
     composed, statement, never = self.filler_roles
     if statement < 1 or never < 1:
       raise ValueError(
@@ -289,8 +288,8 @@ class TwoHopConfig:
           f"{self.composed_share} and statement_share={self.statement_share} leaves "
           f"{statement} statement-only and {never} never-composed fillers; each probe needs "
           "at least one (more filler chains, or smaller shares)")
-    common.check_choice(_NAME, "hybrid", self.hybrid, HYBRID_MODES)
-    common.check_choice(_NAME, "name_style", self.name_style, NAME_STYLES)
+    validate.choice(f"{_NAME}.hybrid", self.hybrid, HYBRID_MODES)
+    validate.choice(f"{_NAME}.name_style", self.name_style, NAME_STYLES)
     if "H" in self.tiers and self.background_exposure < 1:
       raise ValueError(f"{_NAME}.background_exposure must be >= 1 when tier H is built "
                        "(H entities appear in background sentences)")
@@ -298,7 +297,7 @@ class TwoHopConfig:
         self.fact_exposure < 1:
       raise ValueError(f"{_NAME}.fact_exposure must be >= 1 when tier R (or H with "
                        "hybrid='one_hop') is built")
-    common.check_words(_NAME, "syllables", self.syllables, min_len=2)
+    common.check_words(f"{_NAME}.syllables", self.syllables, min_len=2)
     for s in self.syllables:
       if not s.isalpha():
         raise ValueError(f"{_NAME}.syllables has {s!r}; syllables must be letters only")
@@ -310,7 +309,7 @@ class TwoHopConfig:
       raise ValueError(f"{_NAME}.name_lengths must be a non-empty tuple of ints in [2, 6], "
                        f"got {self.name_lengths!r}")
     for n in self.name_lengths:
-      common.check_int(_NAME, "name_lengths", n, 2, 6)
+      validate.integer(f"{_NAME}.name_lengths", n, 2, 6)
     if self.name_style == "token":
       available = sum(len(self.syllables) ** n for n in set(self.name_lengths))
       if names_needed(self) > min(available, 200_000):
