@@ -88,7 +88,7 @@ def run(sizes: PackingSizes, log=print, quiet=None) -> dict[str, Any]:
     idx = data_lib.batch_indices(data_lib.size(data), batch_size, sizes.seed, 0)
     chosen = data_lib.take(data, idx)
     batch = data_lib.lm_batch(chosen, loss_on="all")
-    trainer = training.OurTrainer(cfg, params, None, batch, "full", sizes.seed)
+    trainer = training.OurTrainer(params, cfg, None, batch, "full", sizes.seed)
     seconds = _time(trainer, sizes.steps, sizes.repeats)
     real = data_lib.real_tokens(chosen)
     out[name] = {"batch_rows": batch_size, "tokens_per_step": int(chosen["tokens"].size),

@@ -57,7 +57,7 @@ def _point(sizes: ScalingSizes, cache: dict, quiet: common.Quiet | None, *,
     cfg = _model_for(sizes.model, d_model)
     k0 = jax.random.key(sizes.seed)
     params = transformer.init(jax.random.fold_in(k0, 0), cfg)
-    spec = lora_lib.LoraSpec(rank=rank, alpha=2.0 * rank)
+    spec = lora_lib.LoraConfig(rank=rank, alpha=2.0 * rank)
     adapters = [scoring.random_adapter(jax.random.fold_in(k0, 1 + k), params, spec)
                 for k in range(num_adapters)]
     cache.clear()  # one model at a time
@@ -79,7 +79,7 @@ def _point(sizes: ScalingSizes, cache: dict, quiet: common.Quiet | None, *,
   return {"num_combinations": num_combinations, "num_adapters": num_adapters, "rank": rank,
           "examples": examples, "d_model": d_model, "chunk": plan.chunk,
           "chunk_setting": "default plan" if chunk is None else "fixed",
-          "plan_chunk": scoring.plan_chunk(params, adapters, num_combinations, batch, cfg),
+          "plan_chunk": scoring.plan_chunk(params, adapters, num_combinations, batch, cfg=cfg),
           "seconds": timing.to_dict(), "combos_per_s": num_combinations / timing.median_s,
           "xla_argument_bytes": int(stats.argument_size_in_bytes),
           "xla_temp_bytes": int(stats.temp_size_in_bytes), "rss_growth_bytes": rss,

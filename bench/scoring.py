@@ -89,7 +89,7 @@ def loop_combinations(sizes: ScoringSizes, examples: int) -> int:
   return int(np.clip(sizes.loop_tokens // (examples * sizes.seq_len), 4, 64))
 
 
-def plan_chunk(params, adapters, num_combinations: int, batch, cfg) -> int:
+def plan_chunk(params, adapters, num_combinations: int, batch, *, cfg) -> int:
   """The chunk score_combinations' default plan takes for this shape."""
   return score.make_plan(params, adapters, num_combinations,
                             tuple(np.shape(batch["inputs"])), cfg=cfg).chunk
@@ -97,7 +97,7 @@ def plan_chunk(params, adapters, num_combinations: int, batch, cfg) -> int:
 
 # --- identical weights on both sides --------------------------------------------------------
 
-def random_adapter(key: jax.Array, params, spec: lora_lib.LoraSpec, b_std: float = 0.05):
+def random_adapter(key: jax.Array, params, spec: lora_lib.LoraConfig, b_std: float = 0.05):
   """A LoRA adapter with PEFT's init for a and b ~ N(0, b_std) (a trained-looking update)."""
   adapter = lora_lib.init(jax.random.fold_in(key, 0), params, spec)
   return {p: lora_lib.LoraFactors(
@@ -119,9 +119,9 @@ def make_setup(cfg: transformer.ModelConfig, num_adapters: int, rank: int, alpha
   """Random base + adapters written through the interop layer and read back."""
   key = jax.random.key(seed)
   params = transformer.init(jax.random.fold_in(key, 0), cfg)
-  spec = lora_lib.LoraSpec(rank=rank, alpha=alpha)
+  spec = lora_lib.LoraConfig(rank=rank, alpha=alpha)
   base_dir = directory / "base"
-  hf.export_checkpoint(base_dir, cfg, params, arch="llama")
+  hf.export_checkpoint(params, cfg, base_dir, arch="llama")
   dirs = []
   for k in range(num_adapters):
     adapter = random_adapter(jax.random.fold_in(key, 1 + k), params, spec)
@@ -149,10 +149,10 @@ def make_weights(num_combinations: int, num_adapters: int, seed: int) -> np.ndar
 
 # --- JAX contenders -------------------------------------------------------------------------
 
-def _dense_loss(params, stacked, batch, w_K, cfg):
+def _dense_loss(params, stacked, batch, w_K, *, cfg):
   """Loss of one combination: W + Σ_k w_k s_k A_k B_k at every adapted kernel, then forward."""
   deltas = {p: f.scale * jnp.einsum("k,kir,kro->io", w_K, f.a, f.b) for p, f in stacked.items()}
-  logits = transformer.apply(lora_lib.merge_dense(params, deltas), batch["inputs"], cfg)
+  logits = transformer.apply(lora_lib.merge_dense(params, deltas), cfg, batch["inputs"])
   return metrics.batch_metrics(logits, batch["targets"], batch["weights"])["loss"]
 
 
@@ -322,7 +322,7 @@ def run(sizes: ScoringSizes, workdir: pathlib.Path, log=print,
       for c in cs:
         w = make_weights(c, k, sizes.seed)
         w_j = jnp.asarray(w)
-        chunk = plan_chunk(setup.params, adapters, c, batch, setup.cfg)
+        chunk = plan_chunk(setup.params, adapters, c, batch, cfg=setup.cfg)
         cell: dict[str, Any] = {"examples": n_examples, "num_adapters": k,
                                 "num_combinations": c}
         fns = {"ours": lambda: ours(setup, adapters, batch, w, None),

@@ -84,7 +84,7 @@ def optim_config() -> train.OptimConfig:
 class OurTrainer:
   """One compiled train step (full or LoRA) and its state, advanced in place."""
 
-  def __init__(self, cfg, params, adapter, batch, kind: str, seed: int):
+  def __init__(self, params, cfg, adapter, batch, kind: str, seed: int):
     optimizer = train.make_optimizer(optim_config(), 1000)
     step = train.make_train_step(cfg, optimizer, kind=kind, key=jax.random.key(seed))
     trainable = params if kind == "full" else adapter
@@ -209,17 +209,17 @@ def run_model(name: str, cfg: transformer.ModelConfig, sizes: TrainingSizes,
   """Both sides, LoRA and full, on one model, timed side by side."""
   key = jax.random.key(sizes.seed)
   params = transformer.init(jax.random.fold_in(key, 0), cfg)
-  spec = lora_lib.LoraSpec(rank=sizes.rank, alpha=sizes.alpha)
+  spec = lora_lib.LoraConfig(rank=sizes.rank, alpha=sizes.alpha)
   adapter = lora_lib.init(jax.random.fold_in(key, 1), params, spec)
   batch = make_batch(sizes.batch_size, sizes.seq_len, cfg.vocab_size, sizes.seed)
   base_dir, adapter_dir = workdir / f"{name}-base", workdir / f"{name}-adapter"
-  hf.export_checkpoint(base_dir, cfg, params, arch="llama")
+  hf.export_checkpoint(params, cfg, base_dir, arch="llama")
   ipeft.save_adapter(adapter, adapter_dir, arch="llama", num_layers=cfg.n_layers)
   tokens = sizes.batch_size * sizes.seq_len
   out: dict[str, Any] = {"model": cfg.to_dict(),
                          "num_params": transformer.num_params(params),
                          "lora_params": lora_lib.num_params(adapter), "tokens_per_step": tokens}
-  trainers = {f"ours_{kind}": OurTrainer(cfg, params, adapter, batch, kind, sizes.seed)
+  trainers = {f"ours_{kind}": OurTrainer(params, cfg, adapter, batch, kind, sizes.seed)
               for kind in ("lora", "full")}
   if sizes.torch:
     trainers["torch_lora"] = TorchTrainer(base_dir, adapter_dir, batch)

@@ -120,8 +120,8 @@ def dispatch_us(calls: int = 2000) -> float:
   return common.measure(loop, repeats=3, warmup=1).median_s / calls * 1e6
 
 
-def _mix_loss(params, stacked, batch, w_K, cfg):
-  logits = transformer.apply(params, batch["inputs"], cfg,
+def _mix_loss(params, stacked, batch, w_K, *, cfg):
+  logits = transformer.apply(params, cfg, batch["inputs"],
                              lora=lora_lib.LoraMix(stack=stacked, weights=w_K))
   return metrics.batch_metrics(logits, batch["targets"], batch["weights"])["loss"]
 
@@ -168,7 +168,7 @@ def scoring_utilisation(sizes: UtilisationSizes, workdir: pathlib.Path, peak: fl
     w = scoring.make_weights(c, k, sizes.seed)
     w_j = jnp.asarray(w)
     w_list = list(w_j)
-    chunk = scoring.plan_chunk(setup.params, setup.adapters, c, batch, setup.cfg)
+    chunk = scoring.plan_chunk(setup.params, setup.adapters, c, batch, cfg=setup.cfg)
     flops = {route: scoring.flops_per_combination(setup.cfg, n_examples, sizes.seq_len,
                                                   route=route, num_adapters=k, rank=sizes.rank)
              for route in ("mix", "dense")}
@@ -213,10 +213,10 @@ def train_utilisation(sizes: UtilisationSizes, peak: float, log=print,
     key = jax.random.key(sizes.seed)
     params = transformer.init(jax.random.fold_in(key, 0), cfg)
     adapter = lora_lib.init(jax.random.fold_in(key, 1), params,
-                            lora_lib.LoraSpec(rank=sizes.rank, alpha=16.0))
+                            lora_lib.LoraConfig(rank=sizes.rank, alpha=16.0))
     batch = training.make_batch(sizes.batch_size, sizes.seq_len, cfg.vocab_size, sizes.seed)
     out[name] = {}
-    trainers = {kind: training.OurTrainer(cfg, params, adapter, batch, kind, sizes.seed)
+    trainers = {kind: training.OurTrainer(params, cfg, adapter, batch, kind, sizes.seed)
                 for kind in ("lora", "full")}
     _, timings, _ = common.measure_interleaved(
         {**{kind: (lambda t=t: t.steps(sizes.train_steps)) for kind, t in trainers.items()},

@@ -30,6 +30,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.study = "data"
   config.seeds = (0, 1, 2)
   config.worlds = tasks.KINDS
-  config.two_hop = ml_collections.ConfigDict(_defaults(tasks.TwoHopSettings))
-  config.math = ml_collections.ConfigDict(_defaults(tasks.MathSettings))
+  config.two_hop = ml_collections.ConfigDict(_defaults(tasks.TwoHopConfig))
+  config.math = ml_collections.ConfigDict(_defaults(tasks.MathConfig))
   return config

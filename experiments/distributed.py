@@ -38,7 +38,7 @@ INIT_TIMEOUT_S = 300
 
 
 @dataclasses.dataclass(frozen=True)
-class ProcessSettings:
+class ProcessConfig:
   """How this process joins a multi-controller JAX job (flags of `experiments.run`)."""
 
   mode: str = "auto"  # auto: initialize if flags or the environment name a job; on; off
@@ -96,14 +96,14 @@ def cluster_job(env: Mapping[str, str]) -> str | None:
   return None
 
 
-def wants_initialize(settings: ProcessSettings, env: Mapping[str, str]) -> bool:
+def wants_initialize(settings: ProcessConfig, env: Mapping[str, str]) -> bool:
   """Whether to call `jax.distributed.initialize` (pure: flags and environment only)."""
   if settings.mode == "off":
     return False
   return settings.mode == "on" or settings.explicit or cluster_job(env) is not None
 
 
-def initialize(settings: ProcessSettings, env: Mapping[str, str] | None = None) -> bool:
+def initialize(settings: ProcessConfig, env: Mapping[str, str] | None = None) -> bool:
   """Join the multi-controller job if there is one; call before any other JAX operation.
 
   Returns whether `jax.distributed.initialize` was called. Unset flags are left to JAX's

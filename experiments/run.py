@@ -92,8 +92,8 @@ def _run(config, workdir: pathlib.Path) -> str:
   """Sets up the processes and shard, then runs the config's study in `workdir`; returns the
   study's name. A bad flag or config field raises `schema.ConfigError`."""
   try:
-    processes = distributed.ProcessSettings(_DISTRIBUTED.value, _COORDINATOR.value,
-                                            _NUM_PROCESSES.value, _PROCESS_ID.value)
+    processes = distributed.ProcessConfig(_DISTRIBUTED.value, _COORDINATOR.value,
+                                          _NUM_PROCESSES.value, _PROCESS_ID.value)
     shard = distributed.resolve_shard(_SHARD_INDEX.value, _NUM_SHARDS.value, os.environ)
   except ValueError as e:
     raise schema.ConfigError(str(e)) from e

@@ -155,7 +155,7 @@ def _decode_batch(params, tokens_BxL, prompt_len_B, lora, *, cfg, max_new, eos_i
 
   def body(state):
     t, tokens, done, out = state
-    logits_BxLxV = transformer.apply(params, tokens, cfg, lora=lora)
+    logits_BxLxV = transformer.apply(params, cfg, tokens, lora=lora)
     next_B = jnp.argmax(logits_BxLxV[rows, prompt_len_B + t - 1], axis=-1).astype(jnp.int32)
     next_B = jnp.where(done, pad_id, next_B)
     tokens = tokens.at[rows, prompt_len_B + t].set(next_B)
@@ -262,7 +262,7 @@ def score_split(split: str, texts: Sequence[str | None], examples: Sequence[comm
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _teacher_forced_batch(params, batch, lora, *, cfg):
-  logits = transformer.apply(params, batch["inputs"], cfg, lora=lora)
+  logits = transformer.apply(params, cfg, batch["inputs"], lora=lora)
   return metrics_lib.row_metrics(logits, batch["targets"], batch["weights"])
 
 

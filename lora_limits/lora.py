@@ -30,7 +30,7 @@ DEFAULT_TARGETS = r"attn/(q|k|v|o)_proj/kernel$|mlp/(gate|up|down)_proj/kernel$"
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraSpec:
+class LoraConfig:
   """rank r, alpha, a regex over parameter paths, rsLoRA scaling, dropout on the LoRA input."""
 
   rank: int = 8
@@ -41,15 +41,15 @@ class LoraSpec:
 
   def __post_init__(self):
     if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
-      raise ValueError(f"LoraSpec.rank must be a positive int, got {self.rank!r}")
+      raise ValueError(f"LoraConfig.rank must be a positive int, got {self.rank!r}")
     if not self.alpha > 0:
-      raise ValueError(f"LoraSpec.alpha must be > 0, got {self.alpha!r}")
+      raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha!r}")
     if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout!r}")
+      raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
     try:
       re.compile(self.targets)
     except re.error as e:
-      raise ValueError(f"LoraSpec.targets={self.targets!r} is not a valid regex: {e}") from e
+      raise ValueError(f"LoraConfig.targets={self.targets!r} is not a valid regex: {e}") from e
 
   @property
   def scale(self) -> float:
@@ -85,13 +85,13 @@ def target_paths(params: Mapping[str, Any], targets: str) -> list[str]:
   return sorted(p for p, x in flat.items() if pattern.search(p) and getattr(x, "ndim", 0) == 2)
 
 
-def init(key: jax.Array, params: Mapping[str, Any], spec: LoraSpec) -> Adapter:
+def init(key: jax.Array, params: Mapping[str, Any], spec: LoraConfig) -> Adapter:
   """A fresh adapter: a ~ U(±1/√d_in) (as PEFT's Kaiming init), b = 0."""
   paths = target_paths(params, spec.targets)
   if not paths:
     kernels = [p for p, x in tree_lib.flatten(params).items() if getattr(x, "ndim", 0) == 2]
     raise ValueError(
-        f"LoraSpec.targets={spec.targets!r} matches no 2-D kernel; available kernels "
+        f"LoraConfig.targets={spec.targets!r} matches no 2-D kernel; available kernels "
         f"include {kernels[:8]}")
   flat = tree_lib.flatten(params)
   adapter: Adapter = {}
@@ -99,7 +99,7 @@ def init(key: jax.Array, params: Mapping[str, Any], spec: LoraSpec) -> Adapter:
     d_in, d_out = flat[path].shape
     if spec.rank > min(d_in, d_out):
       raise ValueError(
-          f"LoraSpec.rank={spec.rank} exceeds min(d_in, d_out)={min(d_in, d_out)} at "
+          f"LoraConfig.rank={spec.rank} exceeds min(d_in, d_out)={min(d_in, d_out)} at "
           f"{path!r} (shape {d_in}x{d_out})")
     bound = 1.0 / math.sqrt(d_in)
     a = jax.random.uniform(jax.random.fold_in(key, i), (d_in, spec.rank), jnp.float32,

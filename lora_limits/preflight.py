@@ -663,7 +663,7 @@ def bootstrap_spearman(x, y, *, seed: int, n_boot: int = 2000,
 
 
 @dataclasses.dataclass(frozen=True)
-class MethodSpec:
+class MethodConfig:
   """One recycling method to check: `method` is a merge method of `flavor` (options passed to
   `merge_lib.merge`) or 'arrow' (options: top_k, temperature, input_norm)."""
 
@@ -683,7 +683,7 @@ def _cause(p: PathRetention) -> str:
 
 
 def check_library(params: Mapping[str, Any], adapters: Mapping[str, Mapping[str, lora_lib.LoraFactors]],
-                  methods: Sequence[MethodSpec], *, erase_below: float = 0.5,
+                  methods: Sequence[MethodConfig], *, erase_below: float = 0.5,
                   head_dim: int | None = None, merges: Mapping[str, merge_lib.MergeResult] | None = None,
                   activation: str = "silu") -> dict[str, Any]:
   """The whole pre-flight of one library: retention per adapter per method (with capacity

@@ -112,10 +112,10 @@ def make_train_step(model_cfg: transformer.ModelConfig, optimizer: optax.Gradien
     packing = {"positions_BxT": batch.get("positions"),
                "segment_ids_BxT": batch.get("segment_ids")}
     if kind == "full":
-      logits = transformer.apply(trainable, batch["inputs"], model_cfg, **packing)
+      logits = transformer.apply(trainable, model_cfg, batch["inputs"], **packing)
     else:
       mix = lora_lib.LoraMix.single(trainable, dropout=lora_dropout)
-      logits = transformer.apply(frozen, batch["inputs"], model_cfg, lora=mix,
+      logits = transformer.apply(frozen, model_cfg, batch["inputs"], lora=mix,
                                  dropout_key=step_key if lora_dropout > 0 else None, **packing)
     metrics = metrics_lib.batch_metrics(logits, batch["targets"], batch["weights"])
     return metrics["loss"], metrics
@@ -263,7 +263,7 @@ def pretrain(model_cfg: transformer.ModelConfig, data: data_lib.Encoded, *,
   return params, history
 
 
-def train_lora(params, model_cfg: transformer.ModelConfig, spec: lora_lib.LoraSpec,
+def train_lora(params, model_cfg: transformer.ModelConfig, spec: lora_lib.LoraConfig,
                data: data_lib.Encoded, *, optim: OptimConfig, loop: LoopConfig, mesh=None,
                checkpoint_dir: str | None = None, record=None, on_metrics=None,
                stop_fn: StopFn | None = None):

@@ -91,7 +91,7 @@ def main(argv) -> int:
   import jax
   jax.config.update("jax_num_cpu_devices", 1)
   from experiments import common, distributed
-  settings = distributed.ProcessSettings(
+  settings = distributed.ProcessConfig(
       "auto", f"127.0.0.1:{args.port}" if args.port else "", args.num_processes,
       args.process_id)
   if distributed.initialize(settings, env={}):

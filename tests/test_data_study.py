@@ -44,8 +44,8 @@ def test_same_config_same_files_and_manifest(tmp_path, capsys):
   assert th["exposure"]["R"]["facts/hop2"] == [8, 8]
   assert th["exposure"]["R"]["facts/composed"] == [0, 0]
   assert th["max_row_tokens"] <= 32
-  settings = tasks.TwoHopSettings(test_chains=4, target_chains=3, filler_chains=24,
-                                  pool_size=3)
+  settings = tasks.TwoHopConfig(test_chains=4, target_chains=3, filler_chains=24,
+                                pool_size=3)
   assert th["content_hash"] == tasks.content_hash(tasks.build(settings))
   assert "two_hop/seed0/R/test_two_hop_direct.jsonl" in files_a
   assert "math/seed0/math/target_cot.jsonl" in files_a
@@ -61,8 +61,8 @@ def test_written_splits_and_tokenizer_load_back(tmp_path, capsys):
   rows = tk.encode_examples(tok, examples)
   assert rows["tokens"].shape[0] == 4
   # The same tokenizer serves another seed of the same settings.
-  other = tasks.build(tasks.MathSettings(seed=5, max_factor=4, test_triples=6,
-                                         scene_sentences=150, domain_problems=20))
+  other = tasks.build(tasks.MathConfig(seed=5, max_factor=4, test_triples=6,
+                                       scene_sentences=150, domain_problems=20))
   tk.check_round_trip(tok, other.texts())
 
 

@@ -146,7 +146,7 @@ def _prompts(n=5, seed=0, longest=5):
 
 def _naive_decode(params, cfg, data, max_new, eos=1, pad=0):
   """Reference: one row at a time on the unpadded, growing sequence."""
-  apply = jax.jit(lambda tokens: transformer.apply(params, tokens, cfg))
+  apply = jax.jit(lambda tokens: transformer.apply(params, cfg, tokens))
   out = np.full((data_lib.size(data), max_new), pad, np.int32)
   for i in range(data_lib.size(data)):
     seq = list(data["tokens"][i, :data["prompt_len"][i]])
@@ -167,7 +167,7 @@ def test_greedy_decode_matches_a_naive_loop(random_model):
 
 
 def _adapter(params, seed, rank=2):
-  adapter = lora_lib.init(jax.random.key(seed), params, lora_lib.LoraSpec(rank=rank, alpha=2.0))
+  adapter = lora_lib.init(jax.random.key(seed), params, lora_lib.LoraConfig(rank=rank, alpha=2.0))
   return {p: dataclasses.replace(f, b=jax.random.normal(jax.random.key(seed + p.count("/")),
                                                         f.b.shape) * 0.5)
           for p, f in adapter.items()}
@@ -213,7 +213,7 @@ def test_teacher_forcing_reads_the_positions_greedy_writes(random_model):
   # Drop the EOS position: the rest of the answer is exactly the greedy output.
   end = (rows["prompt_len"] + rows["answer_len"] - 2)[:, None]
   batch["weights"] = batch["weights"] * (np.arange(batch["weights"].shape[1])[None] < end)
-  logits = transformer.apply(params, jnp.asarray(batch["inputs"]), cfg)
+  logits = transformer.apply(params, cfg, jnp.asarray(batch["inputs"]))
   assert np.all(metrics_lib.row_metrics(logits, batch["targets"], batch["weights"])["exact"])
   wrong = dict(batch, targets=np.where(batch["weights"] > 0, (batch["targets"] + 1) % 13,
                                        batch["targets"]))

@@ -1,6 +1,5 @@
 """Parity of our JAX model with transformers on tiny random checkpoints, and export round trips."""
 
-import functools
 import json
 
 import jax
@@ -75,7 +74,7 @@ def random_tokens(batch=2, length=12, seed=0):
 def greedy(params, cfg, prompt_BxT, steps, eos_id):
   """Greedy decoding with one compile: a right-padded buffer (causal, so pad never matters)."""
   b, t0 = prompt_BxT.shape
-  forward = jax.jit(functools.partial(transformer.apply, cfg=cfg))
+  forward = jax.jit(lambda p, t: transformer.apply(p, cfg, t))
   tokens = np.zeros((b, t0 + steps), np.int32)
   tokens[:, :t0] = prompt_BxT
   for i in range(steps):
@@ -107,7 +106,7 @@ def test_logits_and_greedy_generation_match_transformers(tmp_path, case):
   cfg, params, tok = hf.load_checkpoint(tmp_path)
   assert hf.infer_arch(cfg) == case.split("_")[0]
   tokens = random_tokens()
-  ours = np.asarray(transformer.apply(params, jnp.asarray(tokens), cfg))
+  ours = np.asarray(transformer.apply(params, cfg, jnp.asarray(tokens)))
   np.testing.assert_allclose(ours, torch_logits(model, tokens), atol=1e-4, rtol=0)
   prompt = random_tokens(batch=2, length=5, seed=1)
   assert greedy(params, cfg, prompt, 8, tok.eos_token_id) == torch_greedy(
@@ -120,8 +119,8 @@ def test_sliding_window_changes_numerics_at_test_length(tmp_path):
   cfg, params, _ = hf.load_checkpoint(tmp_path, tokenizer=False)
   assert cfg.sliding_window == 4
   tokens = jnp.asarray(random_tokens())
-  full = transformer.apply(params, tokens, cfg.__class__(**{**cfg.__dict__, "sliding_window": None}))
-  windowed = transformer.apply(params, tokens, cfg)
+  full = transformer.apply(params, cfg.__class__(**{**cfg.__dict__, "sliding_window": None}), tokens)
+  windowed = transformer.apply(params, cfg, tokens)
   np.testing.assert_allclose(full[:, :4], windowed[:, :4], atol=1e-6)
   assert float(jnp.abs(full[:, 4:] - windowed[:, 4:]).max()) > 1e-3
 
@@ -141,7 +140,7 @@ def test_bfloat16_weights_and_compute_run_and_stay_close(tmp_path):
   assert cfg.dtype == cfg.param_dtype == "bfloat16"
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
   tokens = random_tokens()
-  ours = np.asarray(transformer.apply(params, jnp.asarray(tokens), cfg))
+  ours = np.asarray(transformer.apply(params, cfg, jnp.asarray(tokens)))
   ref = torch_logits(model, tokens)
   assert np.abs(ours - ref).max() < 0.1 * np.abs(ref).max()
 
@@ -153,14 +152,14 @@ def test_export_round_trip_through_transformers(tmp_path, case):
   save_torch_model(tmp_path / "src", case)
   cfg, _, tok = hf.load_checkpoint(tmp_path / "src")
   params = transformer.init(jax.random.key(3), cfg)  # fresh weights: not the torch ones
-  arch = hf.export_checkpoint(tmp_path / "out", cfg, params, tokenizer=tok,
+  arch = hf.export_checkpoint(params, cfg, tmp_path / "out", tokenizer=tok,
                               max_shard_bytes=30_000)
   assert arch == case.split("_")[0]
   index = json.loads((tmp_path / "out/model.safetensors.index.json").read_text())
   assert len(set(index["weight_map"].values())) > 1
   model = tr.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
   tokens = random_tokens()
-  ours = np.asarray(transformer.apply(params, jnp.asarray(tokens), cfg))
+  ours = np.asarray(transformer.apply(params, cfg, jnp.asarray(tokens)))
   np.testing.assert_allclose(torch_logits(model, tokens), ours, atol=1e-4, rtol=0)
   cfg2, params2, tok2 = hf.load_checkpoint(tmp_path / "out")
   assert cfg2 == cfg

@@ -61,7 +61,7 @@ def torch_logits(model):
 def our_logits(bases, arch, adapter=None):
   _, cfg, params = bases[arch]
   mix = None if adapter is None else lora.LoraMix.single(adapter)
-  return np.asarray(transformer.apply(params, jnp.asarray(TOKENS), cfg, lora=mix))
+  return np.asarray(transformer.apply(params, cfg, jnp.asarray(TOKENS), lora=mix))
 
 
 def make_peft_adapter(bases, arch, directory, seed=0, **config):
@@ -104,7 +104,7 @@ def random_adapter(params, targets, ranks, scales, seed=0):
   key = jax.random.key(seed)
   out = {}
   for i, path in enumerate(paths):
-    spec = lora.LoraSpec(rank=ranks[i % len(ranks)], alpha=1.0, targets=f"^{path}$")
+    spec = lora.LoraConfig(rank=ranks[i % len(ranks)], alpha=1.0, targets=f"^{path}$")
     f = lora.init(jax.random.fold_in(key, i), params, spec)[path]
     b = 0.5 * jax.random.normal(jax.random.fold_in(key, 1000 + i), f.b.shape)
     out[path] = lora.LoraFactors(f.a, b, scales[i % len(scales)])
@@ -148,7 +148,7 @@ def test_merged_adapter_of_any_rank_and_scale_is_writable(bases, tmp_path):
   model = peft_lib.PeftModel.from_pretrained(torch_base(bases, "llama"), tmp_path).eval()
   summed = lora.LoraMix.of([one, two])
   _, cfg, params = bases["llama"]
-  expected = transformer.apply(params, jnp.asarray(TOKENS), cfg, lora=summed)
+  expected = transformer.apply(params, cfg, jnp.asarray(TOKENS), lora=summed)
   np.testing.assert_allclose(torch_logits(model), np.asarray(expected), atol=1e-4, rtol=0)
 
 

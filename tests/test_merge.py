@@ -66,7 +66,7 @@ def test_identity_cases_cover_every_registered_method():
 @given(rank=st.integers(1, 4), alpha=st.sampled_from([1.0, 8.0, 16.0]), rslora=st.booleans(),
        seed=st.integers(0, 1000))
 def test_single_adapter_weight_one_is_identity(rank, alpha, rslora, seed):
-  scale = lora_lib.LoraSpec(rank=rank, alpha=alpha, rslora=rslora).scale
+  scale = lora_lib.LoraConfig(rank=rank, alpha=alpha, rslora=rslora).scale
   ad = make_adapter(seed, rank, scale)
   want = dense(ad)
   for flavor, method, opts in IDENTITY_CASES:

@@ -275,22 +275,22 @@ def test_bad_shards_are_refused(index, count, match):
 
 
 @pytest.mark.parametrize("settings,env,expected", [
-    (distributed.ProcessSettings(), {}, False),
-    (distributed.ProcessSettings(num_processes=2, process_id=1), {}, True),
-    (distributed.ProcessSettings(mode="on"), {}, True),
-    (distributed.ProcessSettings(), {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
-    (distributed.ProcessSettings(), {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
-                                     "SLURM_NTASKS": "4"}, True),
+    (distributed.ProcessConfig(), {}, False),
+    (distributed.ProcessConfig(num_processes=2, process_id=1), {}, True),
+    (distributed.ProcessConfig(mode="on"), {}, True),
+    (distributed.ProcessConfig(), {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
+    (distributed.ProcessConfig(), {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
+                                   "SLURM_NTASKS": "4"}, True),
     # An array task (or a batch script) of one task is one process: no job to join.
-    (distributed.ProcessSettings(), {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
-                                     "SLURM_NTASKS": "1", "SLURM_ARRAY_TASK_ID": "3"}, False),
+    (distributed.ProcessConfig(), {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
+                                   "SLURM_NTASKS": "1", "SLURM_ARRAY_TASK_ID": "3"}, False),
     # The batch script of an --ntasks=4 job, outside srun: one process.
-    (distributed.ProcessSettings(), {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
-                                     "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "1"}, False),
-    (distributed.ProcessSettings(), {"TPU_WORKER_HOSTNAMES": "t-0,t-1,t-2,t-3"}, True),
-    (distributed.ProcessSettings(), {"TPU_WORKER_HOSTNAMES": "localhost"}, False),
-    (distributed.ProcessSettings(mode="off"), {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
-                                               "SLURM_NTASKS": "4"}, False),
+    (distributed.ProcessConfig(), {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
+                                   "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "1"}, False),
+    (distributed.ProcessConfig(), {"TPU_WORKER_HOSTNAMES": "t-0,t-1,t-2,t-3"}, True),
+    (distributed.ProcessConfig(), {"TPU_WORKER_HOSTNAMES": "localhost"}, False),
+    (distributed.ProcessConfig(mode="off"), {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
+                                             "SLURM_NTASKS": "4"}, False),
 ])
 def test_when_to_join_a_multi_process_job(settings, env, expected):
   assert distributed.wants_initialize(settings, env) is expected
@@ -303,7 +303,7 @@ def test_when_to_join_a_multi_process_job(settings, env, expected):
 ])
 def test_bad_process_settings_are_refused(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    distributed.ProcessSettings(**kwargs)
+    distributed.ProcessConfig(**kwargs)
 
 
 def test_one_process_puts_the_whole_batch_and_keeps_its_arrays():

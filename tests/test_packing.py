@@ -89,18 +89,18 @@ def test_packed_logits_and_loss_equal_one_by_one(loss_on):
   cfg = transformer.ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=2, d_ff=64,
                                 max_len=64)
   params = transformer.init(jax.random.key(0), cfg)
-  adapter = lora_lib.init(jax.random.key(1), params, lora_lib.LoraSpec(rank=2))
+  adapter = lora_lib.init(jax.random.key(1), params, lora_lib.LoraConfig(rank=2))
   adapter = jax.tree.map(lambda x: x + 0.05, adapter)  # non-zero b: the LoRA path matters
   mix = lora_lib.LoraMix.single(adapter)
   data = _dataset([5, 9, 3, 12, 7, 4, 11, 6], seed=3)
   packed = data_lib.pack(data, 24, pad_id=PAD, loss_on=loss_on)
   batch = data_lib.lm_batch(packed, loss_on)
   packed_fn = jax.jit(lambda tokens, pos, seg: transformer.apply(
-      params, tokens, cfg, lora=mix, positions_BxT=pos, segment_ids_BxT=seg))
+      params, cfg, tokens, lora=mix, positions_BxT=pos, segment_ids_BxT=seg))
   logits = packed_fn(jnp.asarray(batch["inputs"]), jnp.asarray(batch["positions"]),
                      jnp.asarray(batch["segment_ids"]))
   # Each sequence alone, right-padded to one length (causal: padding never reaches it).
-  alone_fn = jax.jit(lambda tokens: transformer.apply(params, tokens, cfg, lora=mix))
+  alone_fn = jax.jit(lambda tokens: transformer.apply(params, cfg, tokens, lora=mix))
   width = batch["inputs"].shape[1]
   for r in range(packed["tokens"].shape[0]):
     for s in range(1, packed["segment_ids"][r].max() + 1):

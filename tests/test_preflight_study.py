@@ -19,8 +19,8 @@ def test_report_files_from_random_adapters(tmp_path):
   params = {"layers": {str(l): {"attn_norm": {"scale": np.ones(8)}} for l in range(2)}}
   ads = {"hop1": {"layers/0/attn/o_proj/kernel": lora_lib.LoraFactors(e[:, :2], e[2:4], 1.0)},
          "hop2": {"layers/0/attn/o_proj/kernel": lora_lib.LoraFactors(e[:, 4:6], e[:2], 1.0)}}
-  rep = study.pf.check_library(params, ads, [study.pf.MethodSpec("sum", "sum"),
-                                             study.pf.MethodSpec("mean", "uniform_delta")])
+  rep = study.pf.check_library(params, ads, [study.pf.MethodConfig("sum", "sum"),
+                                             study.pf.MethodConfig("mean", "uniform_delta")])
   study.write_preflight(tmp_path, "random", {"two": rep})
   saved = json.loads((tmp_path / "preflight.json").read_text())["libraries"]["two"]
   assert saved["methods"]["sum"]["retention"] == pytest.approx({"hop1": 1.0, "hop2": 1.0})
@@ -36,10 +36,10 @@ def test_hf_checkpoint_and_peft_adapters(tmp_path):
   cfg = transformer.ModelConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, d_ff=32,
                                 tie_embeddings=False)
   params = transformer.init(jax.random.key(0), cfg)
-  hf.export_checkpoint(tmp_path / "ckpt", cfg, params, arch="llama")
+  hf.export_checkpoint(params, cfg, tmp_path / "ckpt", arch="llama")
   dirs = []
   for i, name in enumerate(("hop1", "hop2")):
-    spec = lora_lib.LoraSpec(rank=2, alpha=4.0)
+    spec = lora_lib.LoraConfig(rank=2, alpha=4.0)
     ad = lora_lib.init(jax.random.key(i), params, spec)
     ad = {p: lora_lib.LoraFactors(f.a, jax.random.normal(jax.random.fold_in(jax.random.key(9), i),
                                                          f.b.shape), f.scale)

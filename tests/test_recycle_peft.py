@@ -126,7 +126,7 @@ def _peft_logits(base, adapter_dir):
 def _our_logits(inputs, adapter):
   merged = lora_lib.merge(inputs.params, {p: lora_lib.LoraFactors(
       f.a.astype(jnp.float32), f.b.astype(jnp.float32), f.scale) for p, f in adapter.items()})
-  return np.asarray(transformer.apply(merged, jnp.asarray(TOKENS), inputs.cfg))
+  return np.asarray(transformer.apply(merged, inputs.cfg, jnp.asarray(TOKENS)))
 
 
 def _run_command(world, workdir, *extra):

@@ -126,7 +126,7 @@ def test_rerun_reuses_completed_seeds(smoke_run, monkeypatch):
     ({"recycle.methods": ("sum", "magic")}, r"recycle.methods has 'magic'"),
     ({"recycle.options.ties.density": 0.0},
      r"recycle.options.ties: density=0.0 must be a number in \(0, 1\]"),
-    ({"adapters.rank": 0}, r"LoraSpec.rank must be a positive int|adapters.rank must be > 0"),
+    ({"adapters.rank": 0}, r"LoraConfig.rank must be a positive int|adapters.rank must be > 0"),
     ({"seeds": (-1,)}, r"seeds must be >= 0"),
     ({"world.test_chains": 0}, r"test_chains"),
 ])
@@ -159,7 +159,7 @@ def test_runs_on_a_hugging_face_checkpoint(tmp_path):
                                  d_ff=64, tie_embeddings=False)
   params = transformer.init(jax.random.key(0), mcfg)
   from lora_limits.interop import hf
-  hf.export_checkpoint(tmp_path / "ckpt", mcfg, params, arch="llama", tokenizer=tok)
+  hf.export_checkpoint(params, mcfg, tmp_path / "ckpt", arch="llama", tokenizer=tok)
   run_cfg = recycling.parse(_smoke(**{"model.hf_path": str(tmp_path / "ckpt"),
                                      "recycle.methods": ("sum",),
                                      "recycle.libraries": ("two",)}))

@@ -277,10 +277,10 @@ def exported(tmp_path_factory):
   cfg = transformer.ModelConfig(vocab_size=len(tok), d_model=16, n_layers=1, n_heads=2,
                                 d_ff=32, tie_embeddings=False)
   params = transformer.init(jax.random.key(0), cfg)
-  hf.export_checkpoint(root / "single", cfg, params, arch="llama", tokenizer=tok)
-  hf.export_checkpoint(root / "sharded", cfg, params, arch="llama", tokenizer=tok,
+  hf.export_checkpoint(params, cfg, root / "single", arch="llama", tokenizer=tok)
+  hf.export_checkpoint(params, cfg, root / "sharded", arch="llama", tokenizer=tok,
                        max_shard_bytes=4000)
-  adapter = lora_lib.init(jax.random.key(1), params, lora_lib.LoraSpec(rank=2))
+  adapter = lora_lib.init(jax.random.key(1), params, lora_lib.LoraConfig(rank=2))
   peft.save_adapter(adapter, root / "peft")
   tok.save_pretrained(str(root / "tokenizer"))
   return _Exported(root, params)

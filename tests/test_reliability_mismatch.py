@@ -57,24 +57,24 @@ def params():
 def _adapter_for(cfg, seed=1, **spec):
   other_params = transformer.init(jax.random.key(seed), cfg)
   return _nonzero(lora_lib.init(jax.random.key(seed), other_params,
-                                lora_lib.LoraSpec(rank=2, **spec)))
+                                lora_lib.LoraConfig(rank=2, **spec)))
 
 
 def _entry_points(params, adapter):
   """Every way an adapter reaches a model."""
-  own = _nonzero(lora_lib.init(jax.random.key(9), params, lora_lib.LoraSpec(rank=2)))
+  own = _nonzero(lora_lib.init(jax.random.key(9), params, lora_lib.LoraConfig(rank=2)))
   weights = np.ones((2, 2), np.float32)
   batch = {k: jnp.asarray(v) for k, v in data_lib.lm_batch(
       data_lib.encode([([3, 4, 5], [6, 7])], eos_id=1, pad_id=0), "answer").items()}
   return {
-      "forward": lambda: transformer.apply(params, TOKENS, BASE,
+      "forward": lambda: transformer.apply(params, BASE, TOKENS,
                                            lora=lora_lib.LoraMix.single(adapter)),
       "lora.merge": lambda: lora_lib.merge(params, adapter),
       "merged library forward": lambda: merge_lib.merge([adapter], "sum").apply(params),
       "score_combinations": lambda: score_lib.score_combinations(
           params, [adapter, adapter], weights, batch, cfg=BASE),
       "stack with a fitting adapter": lambda: transformer.apply(
-          params, TOKENS, BASE, lora=lora_lib.LoraMix.of([own, adapter])),
+          params, BASE, TOKENS, lora=lora_lib.LoraMix.of([own, adapter])),
   }
 
 
@@ -100,14 +100,14 @@ def test_adapter_of_a_gated_mlp_on_a_gelu_model_is_refused():
   adapter = _adapter_for(BASE)
   match = r"'layers/0/mlp/gate_proj/kernel' is not a parameter of the model"
   with pytest.raises(ValueError, match=match):
-    transformer.apply(gelu_params, TOKENS, gelu, lora=lora_lib.LoraMix.single(adapter))
+    transformer.apply(gelu_params, gelu, TOKENS, lora=lora_lib.LoraMix.single(adapter))
   with pytest.raises(ValueError, match=match):
     lora_lib.merge(gelu_params, adapter)
 
 
 def test_other_targets_are_refused_in_a_library(params):
-  all_targets = _nonzero(lora_lib.init(jax.random.key(1), params, lora_lib.LoraSpec(rank=2)))
-  attention = _nonzero(lora_lib.init(jax.random.key(2), params, lora_lib.LoraSpec(
+  all_targets = _nonzero(lora_lib.init(jax.random.key(1), params, lora_lib.LoraConfig(rank=2)))
+  attention = _nonzero(lora_lib.init(jax.random.key(2), params, lora_lib.LoraConfig(
       rank=2, targets=r"attn/(q|v)_proj/kernel$")))
   batch = {k: jnp.asarray(v) for k, v in data_lib.lm_batch(
       data_lib.encode([([3, 4, 5], [6, 7])], eos_id=1, pad_id=0), "answer").items()}
@@ -120,15 +120,15 @@ def test_other_targets_are_refused_in_a_library(params):
     score_lib.score_combinations(params, [all_targets, attention], np.ones((1, 2)), batch,
                                 cfg=BASE)
   # Alone, an adapter of fewer targets fits.
-  transformer.apply(params, TOKENS, BASE, lora=lora_lib.LoraMix.single(attention))
+  transformer.apply(params, BASE, TOKENS, lora=lora_lib.LoraMix.single(attention))
 
 
 def test_mixed_ranks_stack_exactly(params):
   """Not a mismatch: ranks may differ (zero-padded), and the mix equals the sum."""
-  r2 = _nonzero(lora_lib.init(jax.random.key(1), params, lora_lib.LoraSpec(rank=2)))
-  r4 = _nonzero(lora_lib.init(jax.random.key(2), params, lora_lib.LoraSpec(rank=4)), 0.02)
-  mixed = transformer.apply(params, TOKENS, BASE, lora=lora_lib.LoraMix.of([r2, r4]))
-  merged = transformer.apply(lora_lib.merge(lora_lib.merge(params, r2), r4), TOKENS, BASE)
+  r2 = _nonzero(lora_lib.init(jax.random.key(1), params, lora_lib.LoraConfig(rank=2)))
+  r4 = _nonzero(lora_lib.init(jax.random.key(2), params, lora_lib.LoraConfig(rank=4)), 0.02)
+  mixed = transformer.apply(params, BASE, TOKENS, lora=lora_lib.LoraMix.of([r2, r4]))
+  merged = transformer.apply(lora_lib.merge(lora_lib.merge(params, r2), r4), BASE, TOKENS)
   np.testing.assert_allclose(np.asarray(mixed), np.asarray(merged), atol=2e-5)
 
 
@@ -164,14 +164,14 @@ def test_adapter_checkpoint_resumed_on_another_base_is_refused(params, tmp_path)
   """A cached adapter's checkpoint directory reused with a base of other shapes."""
   rows = data_lib.encode([([3, 4, 5], [6, 7]), ([4, 5, 6], [7, 8])], eos_id=1, pad_id=0)
   kwargs = dict(optim=train.OptimConfig(), checkpoint_dir=str(tmp_path))
-  train.train_lora(params, BASE, lora_lib.LoraSpec(rank=2), rows,
+  train.train_lora(params, BASE, lora_lib.LoraConfig(rank=2), rows,
                    loop=train.LoopConfig(steps=2, batch_size=2), **kwargs)
   wider = transformer.init(jax.random.key(0), OTHERS["wider"])
   with pytest.raises(ckpt_lib.CheckpointError, match=rf"checkpoint step 2 in {tmp_path}"):
-    train.train_lora(wider, OTHERS["wider"], lora_lib.LoraSpec(rank=2), rows,
+    train.train_lora(wider, OTHERS["wider"], lora_lib.LoraConfig(rank=2), rows,
                      loop=train.LoopConfig(steps=4, batch_size=2), **kwargs)
   with pytest.raises(ckpt_lib.CheckpointError, match=rf"checkpoint step 2 in {tmp_path}"):
-    train.train_lora(params, BASE, lora_lib.LoraSpec(rank=4), rows,
+    train.train_lora(params, BASE, lora_lib.LoraConfig(rank=4), rows,
                      loop=train.LoopConfig(steps=4, batch_size=2), **kwargs)
 
 
@@ -179,7 +179,7 @@ def test_adapter_checkpoint_resumed_on_another_base_is_refused(params, tmp_path)
 
 
 def _scoring_setup(params, n_rows=6, k=3):
-  ads = [_nonzero(lora_lib.init(jax.random.key(i), params, lora_lib.LoraSpec(rank=2)), 0.01 * i)
+  ads = [_nonzero(lora_lib.init(jax.random.key(i), params, lora_lib.LoraConfig(rank=2)), 0.01 * i)
          for i in range(k)]
   rng = np.random.default_rng(0)
   pairs = [(list(rng.integers(3, 24, 4)), list(rng.integers(3, 24, 2))) for _ in range(n_rows)]

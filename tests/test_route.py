@@ -20,7 +20,7 @@ CFG = transformer.ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, 
 
 def run(params, tokens, lora=None):
   """The model's logits, jitted (eager Flax dispatch compiles every op separately)."""
-  return jax.jit(lambda p, t: transformer.apply(p, t, CFG, lora=lora))(params, tokens)
+  return jax.jit(lambda p, t: transformer.apply(p, CFG, t, lora=lora))(params, tokens)
 
 
 def _factors(a, b, scale=1.0):
@@ -61,7 +61,7 @@ def test_arrow_hand_computed_two_adapters_three_tokens():
 def _random_adapters(params, ranks, seed=0):
   out = []
   for k, r in enumerate(ranks):
-    ad = lora_lib.init(jax.random.key(seed + k), params, lora_lib.LoraSpec(rank=r, alpha=2.0 * r))
+    ad = lora_lib.init(jax.random.key(seed + k), params, lora_lib.LoraConfig(rank=r, alpha=2.0 * r))
     out.append({p: lora_lib.LoraFactors(
         f.a, 0.3 * jax.random.normal(jax.random.key(100 * seed + 10 * k + i), f.b.shape),
         f.scale) for i, (p, f) in enumerate(sorted(ad.items()))})
@@ -97,7 +97,7 @@ def test_arrow_in_the_model_reports_routing_and_reduces_to_uniform_mixes():
   ads = _random_adapters(params, [2, 2], seed=3)
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 6)), jnp.int32)
   mix = route.arrow_router(ads, top_k=1)
-  _, aux = transformer.apply(params, tokens, CFG, lora=mix, return_aux=True)
+  _, aux = transformer.apply(params, CFG, tokens, lora=mix, return_aux=True)
   assert sorted(aux["routing"]) == sorted(ads[0])
   for w in aux["routing"].values():
     assert w.shape == (2, 6, 2)

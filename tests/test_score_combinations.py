@@ -23,14 +23,14 @@ def setup():
   params = transformer.init(jax.random.key(0), CFG)
   ads = []
   for k in range(3):
-    ad = lora_lib.init(jax.random.key(10 + k), params, lora_lib.LoraSpec(rank=2, alpha=4.0))
+    ad = lora_lib.init(jax.random.key(10 + k), params, lora_lib.LoraConfig(rank=2, alpha=4.0))
     ads.append({p: lora_lib.LoraFactors(
         2.0 * f.a, 0.5 * jax.random.normal(jax.random.key(100 * k + i), f.b.shape), f.scale)
         for i, (p, f) in enumerate(sorted(ad.items()))})
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, CFG.vocab_size, (6, 7)).astype(np.int32)
   # Targets from the model with adapter 0, so exact match is non-trivial near w = e_0.
-  logits = jax.jit(lambda p, t: transformer.apply(p, t, CFG))(
+  logits = jax.jit(lambda p, t: transformer.apply(p, CFG, t))(
       lora_lib.merge(params, ads[0]), jnp.asarray(tokens[:, :-1]))
   targets = np.asarray(jnp.argmax(logits, -1)).astype(np.int32)
   targets[0, 2] = (targets[0, 2] + 1) % CFG.vocab_size  # one row that never matches
@@ -42,7 +42,7 @@ def setup():
   return params, ads, batch, w
 
 
-_apply = jax.jit(lambda p, t: transformer.apply(p, t, CFG))
+_apply = jax.jit(lambda p, t: transformer.apply(p, CFG, t))
 
 
 def loop_reference(params, ads, batch, w, method, **opts):
@@ -56,7 +56,7 @@ def loop_reference(params, ads, batch, w, method, **opts):
         merged = lora_lib.merge(merged, ad, weight=row[k])
     else:
       merged = merge_lib.merge(ads, method, row, **opts).apply(params)
-    logits = transformer.apply(merged, jnp.asarray(batch["inputs"]), CFG)
+    logits = transformer.apply(merged, CFG, jnp.asarray(batch["inputs"]))
     return metrics_lib.batch_metrics(logits, jnp.asarray(batch["targets"]),
                                      jnp.asarray(batch["weights"]))
 

@@ -1,7 +1,6 @@
 """Sharded checkpoint loading on 4 fake CPU devices (conftest): `sharding`'s rules and
 placement, `interop.safetensors_io`'s per-block reads."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +38,7 @@ def checkpoints(tmp_path_factory):
   for name, cfg in (("llama", LLAMA), ("gpt2", GPT2)):
     params = transformer.init(jax.random.key(0), cfg)
     directory = tmp_path_factory.mktemp(name)
-    hf.export_checkpoint(directory, cfg, params, max_shard_bytes=40_000)
+    hf.export_checkpoint(params, cfg, directory, max_shard_bytes=40_000)
     out[name] = directory
   return out
 
@@ -92,7 +91,7 @@ def test_sharded_load_gives_the_unsharded_logits(checkpoints, arch, mesh_kind, r
   for path in flat:
     np.testing.assert_array_equal(np.asarray(flat[path]), np.asarray(flat_s[path]), err_msg=path)
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 12)).astype(np.int32)
-  forward = jax.jit(functools.partial(transformer.apply, cfg=cfg))
+  forward = jax.jit(lambda p, t: transformer.apply(p, cfg, t))
   logits = forward(params, jnp.asarray(tokens))
   logits_s = forward(params_s, jax.device_put(tokens, shard_lib.batch_sharding(mesh, 4)))
   np.testing.assert_allclose(np.asarray(logits_s), np.asarray(logits), atol=1e-5, rtol=0)

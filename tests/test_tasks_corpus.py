@@ -10,7 +10,7 @@ from lora_limits.tasks import common, corpus, math_word, two_hop
 
 @pytest.fixture(scope="module")
 def world():
-  return two_hop.build(two_hop.TwoHopSettings(
+  return two_hop.build(two_hop.TwoHopConfig(
       test_chains=5, target_chains=4, filler_chains=24, pool_size=3, fact_exposure=3,
       background_exposure=2))
 
@@ -43,7 +43,7 @@ def test_mix_repeats_parts_and_is_seeded():
 def test_clean_worlds_pass(world):
   corpus.check_no_leak(world)
   corpus.check_coverage(world)
-  corpus.check_no_leak(math_word.build(math_word.MathSettings(
+  corpus.check_no_leak(math_word.build(math_word.MathConfig(
       max_factor=4, test_triples=6, scene_sentences=150, domain_problems=20)))
 
 

@@ -13,8 +13,8 @@ SMALL = dict(max_factor=6, max_subtrahend=3, test_triples=24, target_triples=30,
              domain_problems=40, scene_sentences=200)
 
 
-def small(**kw) -> math_word.MathSettings:
-  return math_word.MathSettings(**{**SMALL, **kw})
+def small(**kw) -> math_word.MathConfig:
+  return math_word.MathConfig(**{**SMALL, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def test_skill_facts_cover_the_test_in_words_but_not_in_digits(world, digits):
 
 
 def test_default_world_counts():
-  w = math_word.build(math_word.MathSettings())
+  w = math_word.build(math_word.MathConfig())
   sp = w.splits["math"]
   assert len(sp["test_two_hop_direct"]) == len(sp["test_two_hop_cot"]) == 200
   assert len({tuple(e.meta["numbers"]) for e in sp["test_two_hop_cot"]}) == 200
@@ -236,7 +236,7 @@ def test_bad_settings_name_the_field(kw, match):
 
 def test_settings_round_trip_through_dict():
   s = small(numbers="digits")
-  assert math_word.MathSettings.from_dict(s.to_dict()) == s
+  assert math_word.MathConfig.from_dict(s.to_dict()) == s
   assert dataclasses.replace(s, seed=2).to_dict()["seed"] == 2
 
 
@@ -262,7 +262,7 @@ def test_fuzz_settings_give_a_world_or_a_value_error(kw):
   kw.setdefault("max_factor", 5)
   kw.setdefault("test_triples", 20)
   try:
-    w = math_word.build(math_word.MathSettings(**kw))
+    w = math_word.build(math_word.MathConfig(**kw))
   except ValueError as e:
     assert str(e)
     event("ValueError")

@@ -12,8 +12,8 @@ SMALL = dict(test_chains=6, target_chains=5, filler_chains=24, pool_size=4,
              background_exposure=3, fact_exposure=5)
 
 
-def small(**kw) -> two_hop.TwoHopSettings:
-  return two_hop.TwoHopSettings(**{**SMALL, **kw})
+def small(**kw) -> two_hop.TwoHopConfig:
+  return two_hop.TwoHopConfig(**{**SMALL, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +234,7 @@ def test_three_hops_chain_with_two_bridges():
 ])
 def test_bad_settings_name_the_field(kw, match):
   with pytest.raises(ValueError, match=match):
-    two_hop.TwoHopSettings(**kw)
+    two_hop.TwoHopConfig(**kw)
 
 
 def test_more_entities_than_names():
@@ -260,9 +260,9 @@ def test_template_without_its_slot():
 
 def test_settings_round_trip_through_dict():
   s = small(relations=("spouse", "lives_in"), hybrid="one_hop")
-  assert two_hop.TwoHopSettings.from_dict(s.to_dict()) == s
+  assert two_hop.TwoHopConfig.from_dict(s.to_dict()) == s
   with pytest.raises(ValueError, match="no field"):
-    two_hop.TwoHopSettings.from_dict({"test_chain": 3})
+    two_hop.TwoHopConfig.from_dict({"test_chain": 3})
 
 
 _FIELD_VALUES = {
@@ -294,7 +294,7 @@ _FIELD_VALUES = {
 @given(st.fixed_dictionaries({}, optional=_FIELD_VALUES))
 def test_fuzz_settings_give_a_world_or_a_value_error(kw):
   try:
-    s = two_hop.TwoHopSettings(**kw)
+    s = two_hop.TwoHopConfig(**kw)
     w = two_hop.build(s)
   except ValueError as e:
     assert str(e)

@@ -25,7 +25,7 @@ def params():
 
 
 def _random_adapter(key, params, rank=4, targets=lora_lib.DEFAULT_TARGETS):
-  ad = lora_lib.init(key, params, lora_lib.LoraSpec(rank=rank, targets=targets))
+  ad = lora_lib.init(key, params, lora_lib.LoraConfig(rank=rank, targets=targets))
   return {p: lora_lib.LoraFactors(f.a, jax.random.normal(jax.random.fold_in(key, i), f.b.shape),
                                   f.scale) for i, (p, f) in enumerate(sorted(ad.items()))}
 
@@ -62,7 +62,7 @@ def test_numerical_rank_sees_rank_deficiency(params):
   assert fm.spectrum(path, low).numerical_rank == 2
   dup = lora_lib.LoraFactors(f.a, f.b.at[1].set(f.b[0]).at[2:].set(0.0), f.scale)
   assert fm.spectrum(path, dup).numerical_rank == 1  # a_0 b_0 + a_1 b_0 = (a_0 + a_1) b_0
-  fresh = lora_lib.init(jax.random.key(3), params, lora_lib.LoraSpec(rank=4))  # b = 0
+  fresh = lora_lib.init(jax.random.key(3), params, lora_lib.LoraConfig(rank=4))  # b = 0
   rec = fm.spectrum(path, fresh[path])
   assert rec.numerical_rank == 0 and rec.stable_rank == 0.0
   assert np.all(np.isfinite(rec.singular_values))
@@ -93,8 +93,8 @@ def test_capture_records_inputs_and_changes_nothing(params):
   paths = ["layers/0/attn/q_proj/kernel", "layers/0/attn/v_proj/kernel",
            "layers/1/mlp/down_proj/kernel", "layers/1/mlp/up_proj/kernel",
            "layers/1/mlp/gate_proj/kernel"]
-  logits, aux = transformer.apply(params, tokens, CFG, capture=paths)
-  np.testing.assert_array_equal(logits, transformer.apply(params, tokens, CFG))
+  logits, aux = transformer.apply(params, CFG, tokens, capture=paths)
+  np.testing.assert_array_equal(logits, transformer.apply(params, CFG, tokens))
   assert set(aux["captured"]) == set(paths)
   x = fm.layer_inputs(params, CFG, tokens, paths)
   # Layer 0's attention reads RMSNorm(embedding) · scale.
@@ -157,7 +157,7 @@ def test_bad_inputs_are_refused(params, chains):
 def test_trained_adapters_end_to_end(params, chains):
   """Two adapters trained by the core training code on the two hops, analysed together."""
   hop1, hop2, two = chains
-  spec = lora_lib.LoraSpec(rank=4, alpha=8.0, targets=r"mlp/(up|down)_proj/kernel$")
+  spec = lora_lib.LoraConfig(rank=4, alpha=8.0, targets=r"mlp/(up|down)_proj/kernel$")
   optim = train_lib.OptimConfig(learning_rate=1e-2, warmup_steps=2)
   ads = []
   for seed, data in enumerate([hop1, hop2]):

@@ -14,8 +14,8 @@ MW = dict(max_factor=4, test_triples=6, scene_sentences=150, domain_problems=20)
 
 @pytest.fixture(scope="module")
 def worlds():
-  return [two_hop.build(two_hop.TwoHopSettings(**TH)),
-          math_word.build(math_word.MathSettings(**MW))]
+  return [two_hop.build(two_hop.TwoHopConfig(**TH)),
+          math_word.build(math_word.MathConfig(**MW))]
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,8 @@ def test_save_and_load(tmp_path, worlds, tok):
 
 
 def test_vocabulary_is_the_same_for_every_seed_and_text_order():
-  for build, settings, kw in ((two_hop.build, two_hop.TwoHopSettings, TH),
-                              (math_word.build, math_word.MathSettings, MW)):
+  for build, settings, kw in ((two_hop.build, two_hop.TwoHopConfig, TH),
+                              (math_word.build, math_word.MathConfig, MW)):
     w0, w1 = build(settings(**kw, seed=0)), build(settings(**kw, seed=1))
     assert w0.vocabulary == w1.vocabulary
     assert w0.corpus != w1.corpus

@@ -31,7 +31,7 @@ def base():
 
 def _lora(base, steps=12, **kw):
   kw.setdefault("optim", train.OptimConfig(learning_rate=2e-2, warmup_steps=2))
-  return train.train_lora(base, CFG, lora_lib.LoraSpec(rank=4), _data(seed=1),
+  return train.train_lora(base, CFG, lora_lib.LoraConfig(rank=4), _data(seed=1),
                           loop=train.LoopConfig(steps=steps, batch_size=8, **kw.pop("loop", {})),
                           **kw)
 
@@ -56,7 +56,7 @@ def test_step_traces_once_per_shape(base):
   optimizer = train.make_optimizer(optim, 6)
   step = train.make_train_step(CFG, optimizer, kind="lora", key=jax.random.key(0))
   counted = chex.assert_max_traces(step, n=1)
-  adapter = lora_lib.init(jax.random.key(0), base, lora_lib.LoraSpec(rank=2))
+  adapter = lora_lib.init(jax.random.key(0), base, lora_lib.LoraConfig(rank=2))
   _, hist, _ = train.fit(counted, adapter, base, _data(), train.LoopConfig(steps=6, batch_size=8),
                          optimizer)
   assert len(hist) == 6
@@ -73,7 +73,7 @@ def test_one_device_and_four_devices_agree(base):
 
 def test_batch_must_divide_devices(base):
   with pytest.raises(ValueError, match="batch_size=6 must be divisible by the 4 devices"):
-    train.train_lora(base, CFG, lora_lib.LoraSpec(rank=2), _data(), optim=train.OptimConfig(),
+    train.train_lora(base, CFG, lora_lib.LoraConfig(rank=2), _data(), optim=train.OptimConfig(),
                      loop=train.LoopConfig(steps=2, batch_size=6), mesh=shard_lib.data_mesh(4))
 
 
@@ -130,7 +130,7 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_checkpoint(base, tmp_path
     new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
     return new, dict(metrics, loss=loss, finite=ok)
 
-  adapter = lora_lib.init(jax.random.key(0), base, lora_lib.LoraSpec(rank=2))
+  adapter = lora_lib.init(jax.random.key(0), base, lora_lib.LoraConfig(rank=2))
   with pytest.raises(train.NonFiniteError, match=r"at step 6 .*last good checkpoint: step 4"):
     train.fit(step_with_nan_after_5, adapter, base, poisoned,
               train.LoopConfig(steps=10, batch_size=8, save_every=2), optimizer,

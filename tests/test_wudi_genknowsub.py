@@ -78,7 +78,7 @@ def test_wudi_runs_inside_the_many_combination_scorer():
   cfg = transformer.ModelConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, d_ff=32,
                                 max_len=8)
   params = transformer.init(jax.random.key(0), cfg)
-  ads = [lora_lib.init(jax.random.key(k), params, lora_lib.LoraSpec(rank=2, alpha=4.0))
+  ads = [lora_lib.init(jax.random.key(k), params, lora_lib.LoraConfig(rank=2, alpha=4.0))
          for k in (1, 2)]
   ads = [{p: lora_lib.LoraFactors(f.a, f.a[:f.b.shape[1]].T * 0.3 if f.a.shape[0] >= f.b.shape[1]
                                   else jnp.ones_like(f.b) * 0.1, f.scale)
@@ -90,7 +90,7 @@ def test_wudi_runs_inside_the_many_combination_scorer():
   scores = score_lib.score_combinations(params, ads, w, batch, cfg=cfg, method="wudi")
   for c in range(3):
     merged = merge_lib.merge(ads, "wudi", w[c]).apply(params)
-    logits = transformer.apply(merged, jnp.asarray(batch["inputs"]), cfg)
+    logits = transformer.apply(merged, cfg, jnp.asarray(batch["inputs"]))
     loss = metrics_lib.batch_metrics(logits, jnp.asarray(batch["targets"]),
                                      jnp.asarray(batch["weights"]))["loss"]
     np.testing.assert_allclose(float(scores[c]), float(loss), rtol=1e-4)

@@ -23,6 +23,7 @@ from experiments import common as exp_common
 from experiments import schema
 from lora_limits import tasks
 from lora_limits import tokenizer as tokenizer_lib
+from lora_limits import validate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,18 +33,18 @@ class DataStudy:
   study: str = "data"
   seeds: tuple[int, ...] = (0, 1, 2)
   worlds: tuple[str, ...] = tasks.KINDS
-  two_hop: tasks.TwoHopSettings = tasks.TwoHopSettings()
-  math: tasks.MathSettings = tasks.MathSettings()
+  two_hop: tasks.TwoHopConfig = tasks.TwoHopConfig()
+  math: tasks.MathConfig = tasks.MathConfig()
 
   def __post_init__(self):
     if not self.seeds or len(set(self.seeds)) != len(self.seeds):
       raise ValueError(f"DataStudy.seeds must be distinct and non-empty, got {self.seeds!r}")
     for s in self.seeds:
-      tasks.common.check_int("DataStudy", "seeds", s, 0, 2**32 - 1)
+      validate.integer("DataStudy.seeds", s, 0, 2**32 - 1)
     if not self.worlds or len(set(self.worlds)) != len(self.worlds):
       raise ValueError(f"DataStudy.worlds must be distinct and non-empty, got {self.worlds!r}")
     for w in self.worlds:
-      tasks.common.check_choice("DataStudy", "worlds", w, tasks.KINDS)
+      validate.choice("DataStudy.worlds", w, tasks.KINDS)
     for kind in ("two_hop", "math"):
       if getattr(self, kind).seed != 0:
         raise ValueError(f"DataStudy.{kind}.seed is set by DataStudy.seeds; leave it out")

@@ -187,7 +187,7 @@ def train_models(study: LandscapeStudy, world: dict, cfg: transformer.ModelConfi
     summary["pretrain_final_loss"] = hist[-1]["loss"]
   else:
     params = transformer.init(jax.random.key(study.seed), cfg)
-  spec = lora_lib.LoraSpec(rank=t.rank, alpha=t.alpha)
+  spec = lora_lib.LoraConfig(rank=t.rank, alpha=t.alpha)
   adapters = []
   for k in range(1, study.num_adapters + 1):
     adapter, hist, _ = train_lib.train_lora(
@@ -209,7 +209,7 @@ def weight_grid(study: LandscapeStudy) -> np.ndarray:
   return score_lib.simplex_grid(study.num_adapters, g.steps - 1)
 
 
-def score_landscape(study: LandscapeStudy, params, adapters, world, cfg, grid_CxK) -> dict:
+def score_landscape(study: LandscapeStudy, params, adapters, world, grid_CxK, *, cfg) -> dict:
   """{method: {task: {metric: [C]}}}, one score_combinations call per (method, task)."""
   out = {}
   for method in study.methods:
@@ -295,7 +295,7 @@ def main(config, workdir: pathlib.Path) -> None:
   grid = weight_grid(study)
   with exp_common.stage(f"score {len(grid)} combinations x {len(study.methods)} methods"):
     t0 = time.time()
-    scores = score_landscape(study, params, adapters, world, cfg, grid)
+    scores = score_landscape(study, params, adapters, world, grid, cfg=cfg)
     score_seconds = time.time() - t0
   with exp_common.stage("plots"):
     for metric in study.metrics:

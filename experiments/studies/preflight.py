@@ -138,8 +138,8 @@ def read_study(workdir: str | pathlib.Path) -> Study:
     like = jax.eval_shape(lambda: transformer.init(jax.random.key(0), model_cfg))
     params = _restore(base_dir, like)
   a = config["adapters"]
-  spec = lora_lib.LoraSpec(rank=a["rank"], alpha=a["alpha"], targets=a["targets"],
-                           rslora=a["rslora"], dropout=a["dropout"])
+  spec = lora_lib.LoraConfig(rank=a["rank"], alpha=a["alpha"], targets=a["targets"],
+                             rslora=a["rslora"], dropout=a["dropout"])
   like = jax.eval_shape(lambda p: lora_lib.init(jax.random.key(0), p, spec), params)
   by_name: dict[str, list[pathlib.Path]] = {}
   for d in sorted((cache / "adapters").glob("*/ckpt")):
@@ -154,7 +154,7 @@ def read_study(workdir: str | pathlib.Path) -> Study:
   return Study(workdir, config, model_cfg, params, tokenizer, adapters)
 
 
-def study_methods(config: Mapping[str, Any], seed: int) -> list[pf.MethodSpec]:
+def study_methods(config: Mapping[str, Any], seed: int) -> list[pf.MethodConfig]:
   """The study's data-free methods with its options (`recycle.options.<method>`, as the
   recycling study sets them)."""
   r = config["recycle"]
@@ -163,12 +163,12 @@ def study_methods(config: Mapping[str, Any], seed: int) -> list[pf.MethodSpec]:
   for m in r["methods"]:
     o = dict(options.get(m, {}))
     if m == "arrow":
-      out.append(pf.MethodSpec(m, m, {"top_k": o.get("top_k", 1),
-                                      "temperature": o.get("temperature", 1.0)}))
+      out.append(pf.MethodConfig(m, m, {"top_k": o.get("top_k", 1),
+                                        "temperature": o.get("temperature", 1.0)}))
     elif m in merge_lib.METHODS:
       if merge_lib.METHODS[m].random:
         o["key"] = jax.random.key(seed)
-      out.append(pf.MethodSpec(m, m, o))
+      out.append(pf.MethodConfig(m, m, o))
   return out
 
 
@@ -241,7 +241,7 @@ def _retention_figure(path: pathlib.Path, report: Mapping[str, Any], title: str)
 
 
 def check_study(study: Study, seed: int,
-                methods: Sequence[pf.MethodSpec] | None = None) -> dict[str, Any]:
+                methods: Sequence[pf.MethodConfig] | None = None) -> dict[str, Any]:
   methods = study_methods(study.config, seed) if methods is None else methods
   libs = libraries_of(study.config, list(study.adapters))
   out = {}
@@ -291,7 +291,7 @@ def _facts(config: Mapping[str, Any], seed: int, name: str) -> list[task_common.
   """The training facts of adapter `name` (its split over every tier), rebuilt from the
   study's world settings."""
   world = two_hop.build(task_common.settings_from_mapping(
-      two_hop.TwoHopSettings, dict(config["world"], seed=seed)))
+      two_hop.TwoHopConfig, dict(config["world"], seed=seed)))
   return [e for g in world.groups for e in world.splits[g].get(name, ())]
 
 
@@ -318,7 +318,7 @@ def _above_chance(acc: float, chance: float, n: int, z: float = 2.0) -> bool:
 
 
 def measure_setting(study: Study, seed: int, reports: Mapping[str, Any],
-                    records: list[dict], specs: Sequence[pf.MethodSpec]) -> list[dict[str, Any]]:
+                    records: list[dict], specs: Sequence[pf.MethodConfig]) -> list[dict[str, Any]]:
   """One row per (library, method, hop adapter): predicted vs measured retention, plus the
   library-level composition predictions and measurements."""
   cfg, tok = study.model_cfg, study.tokenizer
@@ -653,7 +653,7 @@ def main(config, workdir: pathlib.Path) -> None:
     if not sep:
       name, path = pathlib.Path(item).name, item
     adapters[name] = peft.load_adapter(path, params)
-  methods = [pf.MethodSpec(m, m, {"top_k": 1} if m == "arrow" else {})
+  methods = [pf.MethodConfig(m, m, {"top_k": 1} if m == "arrow" else {})
              for m in config.methods]
   report = pf.check_library(params, adapters, methods, head_dim=model_cfg.resolved_head_dim)
   write_preflight(workdir, str(config.hf_path), {"library": report})

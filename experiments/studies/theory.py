@@ -21,17 +21,12 @@ import jax
 
 from experiments import common as exp_common
 from experiments import schema
+from lora_limits import validate
 from lora_limits.theory import kv_model as kv
 from lora_limits.theory import statements as st
 
 _READOUTS = ("lstsq", "train")
 _SOURCES = ("trained", "closed_form")
-
-
-def _positive(owner: str, name: str, value, allow_zero: bool = False):
-  low = 0 if allow_zero else 1
-  if isinstance(value, bool) or not isinstance(value, int) or value < low:
-    raise ValueError(f"{owner}.{name} must be an int >= {low}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +40,10 @@ class Prop1Section:
   gd: kv.GDConfig
 
   def __post_init__(self):
-    _positive("prop1", "entity", self.entity, allow_zero=True)
-    _positive("prop1", "relation", self.relation, allow_zero=True)
-    if not 0 < self.cosine_min <= 1:
-      raise ValueError(f"prop1.cosine_min must be in (0, 1], got {self.cosine_min!r}")
-    if not self.relative_error_max > 0:
-      raise ValueError(f"prop1.relative_error_max must be > 0, got {self.relative_error_max!r}")
+    validate.integer("prop1.entity", self.entity, 0)
+    validate.integer("prop1.relation", self.relation, 0)
+    validate.number("prop1.cosine_min", self.cosine_min, 0, 1, low_open=True)
+    validate.number("prop1.relative_error_max", self.relative_error_max, 0, low_open=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,11 +56,10 @@ class MultiFactSection:
   gd: kv.GDConfig
 
   def __post_init__(self):
-    _positive("multi_fact", "n_facts", self.n_facts)
+    validate.integer("multi_fact.n_facts", self.n_facts, 1)
     for r in self.ranks:
-      _positive("multi_fact", "ranks", r)
-    if not self.fit_tolerance > 0:
-      raise ValueError(f"multi_fact.fit_tolerance must be > 0, got {self.fit_tolerance!r}")
+      validate.integer("multi_fact.ranks", r, 1)
+    validate.number("multi_fact.fit_tolerance", self.fit_tolerance, 0, low_open=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,15 +75,11 @@ class TwoHopSection:
   gd: kv.GDConfig
 
   def __post_init__(self):
-    _positive("two_hop", "n_chains", self.n_chains)
-    _positive("two_hop", "rank", self.rank, allow_zero=True)
-    if self.expert_source not in _SOURCES:
-      raise ValueError(f"two_hop.expert_source={self.expert_source!r} is not one of "
-                       f"{list(_SOURCES)}")
+    validate.integer("two_hop.n_chains", self.n_chains, 1)
+    validate.integer("two_hop.rank", self.rank, 0)
+    validate.choice("two_hop.expert_source", self.expert_source, _SOURCES)
     for name in ("one_hop_min", "target_min", "bridge_min"):
-      v = getattr(self, name)
-      if not 0 <= v <= 1:
-        raise ValueError(f"two_hop.{name} must be in [0, 1], got {v!r}")
+      validate.number(f"two_hop.{name}", getattr(self, name), 0, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,10 +91,8 @@ class ArrowSection:
     if not self.top_k:
       raise ValueError("arrow.top_k must list at least one k")
     for k in self.top_k:
-      if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 2:
-        raise ValueError(f"arrow.top_k values must be 1 or 2 (two experts), got {k!r}")
-    if not self.temperature > 0:
-      raise ValueError(f"arrow.temperature must be > 0, got {self.temperature!r}")
+      validate.integer("arrow.top_k", k, 1, 2)  # two experts
+    validate.number("arrow.temperature", self.temperature, 0, low_open=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,12 +111,10 @@ class TheoryStudy:
   arrow: ArrowSection
 
   def __post_init__(self):
-    _positive("config", "seed", self.seed, allow_zero=True)
-    _positive("config", "readout_steps", self.readout_steps)
-    if self.readout not in _READOUTS:
-      raise ValueError(f"config.readout={self.readout!r} is not one of {list(_READOUTS)}")
-    if not self.chance_z > 0:
-      raise ValueError(f"config.chance_z must be > 0, got {self.chance_z!r}")
+    validate.integer("config.seed", self.seed, 0)
+    validate.integer("config.readout_steps", self.readout_steps, 1)
+    validate.choice("config.readout", self.readout, _READOUTS)
+    validate.number("config.chance_z", self.chance_z, 0, low_open=True)
     if self.prop1.entity >= self.toy.n_entities or self.prop1.relation >= self.toy.n_relations:
       raise ValueError(f"prop1 fact ({self.prop1.entity}, {self.prop1.relation}) is outside the "
                        f"toy's {self.toy.n_entities} entities × {self.toy.n_relations} relations")

@@ -1,7 +1,7 @@
 """Interop with the Hugging Face ecosystem: transformers checkpoints and PEFT adapters.
 
 - `hf`: `load_checkpoint(dir, dtype, mesh) -> (ModelConfig, params, tokenizer)` and
-  `export_checkpoint(dir, cfg, params, ...)` for Llama, Qwen2, Mistral and GPT-2.
+  `export_checkpoint(params, cfg, dir, ...)` for Llama, Qwen2, Mistral and GPT-2.
 - `peft`: `load_adapter(dir, params) -> adapter` and `save_adapter(adapter, dir, ...)`.
 - `safetensors_io`: tensor-by-tensor safetensors reads, each device only its own block (the
   sharding rules that place them are `lora_limits.sharding`'s).

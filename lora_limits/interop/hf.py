@@ -389,7 +389,7 @@ def load_checkpoint(path: str | pathlib.Path, dtype: str = "float32",
   return cfg, params, (load_tokenizer(path) if tokenizer else None)
 
 
-def export_tensors(cfg: transformer.ModelConfig, params: Mapping[str, Any],
+def export_tensors(params: Mapping[str, Any], cfg: transformer.ModelConfig,
                    arch: str) -> dict[str, np.ndarray]:
   """{checkpoint key: numpy array} of `params` in `arch`'s layout (q/k/v fused for GPT-2)."""
   flat = tree_lib.flatten(params)
@@ -410,8 +410,8 @@ def export_tensors(cfg: transformer.ModelConfig, params: Mapping[str, Any],
   return out
 
 
-def export_checkpoint(path: str | pathlib.Path, cfg: transformer.ModelConfig,
-                      params: Mapping[str, Any], *, arch: str | None = None, tokenizer=None,
+def export_checkpoint(params: Mapping[str, Any], cfg: transformer.ModelConfig,
+                      path: str | pathlib.Path, *, arch: str | None = None, tokenizer=None,
                       max_shard_bytes: int | None = None, **config_overrides: Any) -> str:
   """Write `params` as a transformers checkpoint directory; returns the arch written.
 
@@ -429,7 +429,7 @@ def export_checkpoint(path: str | pathlib.Path, cfg: transformer.ModelConfig,
       if value is not None:
         config_overrides.setdefault(name, value)
   config = hf_config(cfg, arch, **config_overrides)
-  tensors = export_tensors(cfg, params, arch)
+  tensors = export_tensors(params, cfg, arch)
   if max_shard_bytes is not None and max_shard_bytes <= 0:
     raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
   for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):

@@ -1,6 +1,6 @@
 """A decoder-only transformer in Flax Linen behind a pure functional boundary.
 
-`init(key, cfg) -> params` and `apply(params, tokens, ...) -> logits`, where `params` is a
+`init(key, cfg) -> params` and `apply(params, cfg, tokens, ...) -> logits`, where `params` is a
 plain nested dict whose '/'-joined paths name the kernels, e.g.
 `layers/3/attn/q_proj/kernel`. The default is Llama-style (RMSNorm, rotary positions,
 SwiGLU, optional grouped-query attention, tied or untied embeddings); the switches in
@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_limits import lora as lora_lib
+from lora_limits import validate
 
 Params = dict[str, Any]
 
@@ -68,15 +69,10 @@ class ModelConfig:
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
-    _check_choice("norm", self.norm, _NORMS)
-    _check_choice("mlp", self.mlp, _MLPS)
-    _check_choice("activation", self.activation, _ACTIVATIONS)
-    _check_choice("pos", self.pos, _POSITIONS)
-    _check_choice("dtype", self.dtype, _DTYPES)
-    _check_choice("param_dtype", self.param_dtype, _DTYPES)
+      validate.integer(f"ModelConfig.{name}", getattr(self, name), 1)
+    for name, allowed in (("norm", _NORMS), ("mlp", _MLPS), ("activation", _ACTIVATIONS),
+                          ("pos", _POSITIONS), ("dtype", _DTYPES), ("param_dtype", _DTYPES)):
+      validate.choice(f"ModelConfig.{name}", getattr(self, name), allowed)
     if self.n_kv_heads is not None and (
         self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
       raise ValueError(
@@ -96,7 +92,7 @@ class ModelConfig:
           f"ModelConfig.sliding_window must be None or a positive int, got {self.sliding_window!r}")
     if self.rope_scaling is not None:
       rope_type = dict(self.rope_scaling).get("rope_type", "default")
-      _check_choice("rope_scaling.rope_type", rope_type, _ROPE_TYPES)
+      validate.choice("ModelConfig.rope_scaling.rope_type", rope_type, _ROPE_TYPES)
 
   @property
   def resolved_head_dim(self) -> int:
@@ -121,11 +117,6 @@ class ModelConfig:
     if isinstance(d.get("rope_scaling"), dict):
       d["rope_scaling"] = tuple(sorted(d["rope_scaling"].items()))
     return cls(**d)
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]):
-  if value not in allowed:
-    raise ValueError(f"ModelConfig.{name}={value!r} is not one of {list(allowed)}")
 
 
 def _dtype(name: str):
@@ -332,7 +323,7 @@ def init(key: jax.Array, cfg: ModelConfig) -> Params:
   return dict(variables["params"])
 
 
-def apply(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig, *,
+def apply(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, *,
           lora: lora_lib.LoraMix | None = None,
           positions_BxT: jax.Array | None = None,
           segment_ids_BxT: jax.Array | None = None,

@@ -16,7 +16,6 @@ none of `DATA_NEEDS` (GenKnowSub needs general adapters, not data).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 from lora_limits import data as data_lib
 from lora_limits import lora as lora_lib
 from lora_limits import tokenizer as tok_lib
+from lora_limits import validate
 from lora_limits.models import transformer
 from lora_limits.recycle import lorahub as lorahub_lib
 from lora_limits.recycle import merge as merge_lib
@@ -207,20 +207,6 @@ def _merge_recycler(name: str, flavor: str) -> Recycler:
                   options, check, info.doc, gives_adapter=info.kind == "factors")
 
 
-# ------------------------------------------------------------------------ option checks
-
-
-def _check_int(name: str, value: Any, low: int = 1) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < low:
-    raise ValueError(f"{name}={value!r} must be an int >= {low}")
-
-
-def _check_positive(name: str, value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-      math.isfinite(value) and value > 0):
-    raise ValueError(f"{name}={value!r} must be a finite number > 0")
-
-
 # ----------------------------------------------------------------------- the routers
 
 
@@ -273,9 +259,9 @@ def _lorahub(res: Resources, opts: Mapping[str, Any]) -> Recycled:
 
 
 def _check_top_k_temperature(opts: Mapping[str, Any]) -> None:
-  _check_int("top_k", opts["top_k"])
+  validate.integer("top_k", opts["top_k"], 1)
   if "temperature" in opts:
-    _check_positive("temperature", opts["temperature"])
+    validate.number("temperature", opts["temperature"], 0, low_open=True)
 
 
 def _check_genknowsub(opts: Mapping[str, Any]) -> None:
@@ -285,8 +271,8 @@ def _check_genknowsub(opts: Mapping[str, Any]) -> None:
 
 
 def _check_lorahub(opts: Mapping[str, Any]) -> None:
-  _check_int("generations", opts["generations"])
-  _check_int("shots", opts["shots"])
+  validate.integer("generations", opts["generations"], 1)
+  validate.integer("shots", opts["shots"], 1)
 
 
 register(Recycler("arrow", _arrow, frozenset(), {"top_k": 1, "temperature": 1.0},

@@ -208,7 +208,7 @@ def oracle_mix(adapters: Sequence[Mapping[str, lora_lib.LoraFactors]], gold, *,
 def prompt_embeddings(params: Mapping[str, Any], cfg: transformer.ModelConfig,
                       tokens_BxT: jax.Array, prompt_len_B: jax.Array) -> jax.Array:
   """[B, D]: the base model's final normed hidden states, mean-pooled over the prompt tokens."""
-  _, aux = transformer.apply(params, jnp.asarray(tokens_BxT), cfg, return_aux=True)
+  _, aux = transformer.apply(params, cfg, jnp.asarray(tokens_BxT), return_aux=True)
   t = tokens_BxT.shape[1]
   mask = (jnp.arange(t)[None, :] < jnp.asarray(prompt_len_B)[:, None]).astype(jnp.float32)
   pooled = jnp.einsum("btd,bt->bd", aux["hidden"].astype(jnp.float32), mask)

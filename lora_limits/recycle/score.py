@@ -79,17 +79,17 @@ def _score_one(params, adapters, batch, key, w_K, plan: ScorePlan):
     if plan.method != "mix":
       w_K = merge_lib.method_info(plan.method, plan.flavor).mix_weights(w_K, opts)
     mix = lora_lib.LoraMix(stack=adapters, weights=w_K)
-    logits = transformer.apply(params, batch["inputs"], cfg, lora=mix)
+    logits = transformer.apply(params, cfg, batch["inputs"], lora=mix)
   else:
     if key is not None:
       opts["key"] = key
     result = merge_lib.merge(adapters, plan.method, w_K, flavor=plan.flavor, **opts)
     if result.kind == "factors":
-      logits = transformer.apply(params, batch["inputs"], cfg,
+      logits = transformer.apply(params, cfg, batch["inputs"],
                                  lora=lora_lib.LoraMix.single(result.adapter))
     else:
-      logits = transformer.apply(lora_lib.merge_dense(params, result.dense), batch["inputs"],
-                                 cfg)
+      logits = transformer.apply(lora_lib.merge_dense(params, result.dense), cfg,
+                                 batch["inputs"])
   m = metrics_lib.batch_metrics(logits, batch["targets"], batch["weights"])
   return {name: m[name] for name in plan.metrics}
 

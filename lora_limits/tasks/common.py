@@ -131,37 +131,20 @@ def template_words(template: str) -> set[str]:
 # ------------------------------------------------------------------- validation
 
 
-def check_int(owner: str, name: str, value: Any, lo: int, hi: int | None = None) -> None:
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-    raise ValueError(f"{owner}.{name} must be an int, got {value!r}")
-  if value < lo or (hi is not None and value > hi):
-    allowed = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-    raise ValueError(f"{owner}.{name}={value!r} must be {allowed}")
-
-
-def check_bool(owner: str, name: str, value: Any) -> None:
-  if not isinstance(value, bool):
-    raise ValueError(f"{owner}.{name} must be a bool, got {value!r}")
-
-
-def check_choice(owner: str, name: str, value: Any, allowed: Sequence[Any]) -> None:
-  if not isinstance(value, str) or value not in allowed:
-    raise ValueError(f"{owner}.{name}={value!r} is not one of {list(allowed)}")
-
-
-def check_words(owner: str, name: str, value: Any, min_len: int = 1) -> None:
-  """A tuple of distinct single lower-case words (no spaces, no braces)."""
+def check_words(field: str, value: Any, min_len: int = 1) -> None:
+  """A tuple of distinct single lower-case words (no spaces, no braces): the words a world's
+  templates are filled with. (Numbers, ints and choices: `lora_limits.validate`.)"""
   if not isinstance(value, tuple):
-    raise ValueError(f"{owner}.{name} must be a tuple of words, got {value!r}")
+    raise ValueError(f"{field}={value!r} must be a tuple of words")
   if len(value) < min_len:
-    raise ValueError(f"{owner}.{name} needs at least {min_len} entries, got {len(value)}")
+    raise ValueError(f"{field} needs at least {min_len} entries, got {len(value)}")
   for w in value:
     if (not isinstance(w, str) or not w or w != w.strip().lower() or len(w.split()) != 1
         or "{" in w or "}" in w):
-      raise ValueError(f"{owner}.{name} has {w!r}; entries must be single lower-case words")
+      raise ValueError(f"{field} has {w!r}; entries must be single lower-case words")
   if len(set(value)) != len(value):
     dup = sorted({w for w in value if value.count(w) > 1})
-    raise ValueError(f"{owner}.{name} repeats {dup}")
+    raise ValueError(f"{field} repeats {dup}")
 
 
 def settings_from_mapping(cls, mapping: Mapping[str, Any]):

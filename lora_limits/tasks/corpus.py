@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from lora_limits import validate
 from lora_limits.tasks import common
 
 
@@ -32,7 +33,7 @@ class Part:
   repeats: int = 1
 
   def __post_init__(self):
-    common.check_int(f"Part({self.name!r})", "repeats", self.repeats, 0)
+    validate.integer(f"Part({self.name!r}).repeats", self.repeats, 0)
     for t in self.texts:
       if not isinstance(t, str) or not t or t != common.normalise(t):
         raise ValueError(f"Part({self.name!r}) has a text that is not normalised: {t!r}")

@@ -39,12 +39,13 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lora_limits import validate
 from lora_limits.tasks import common
 from lora_limits.tasks import corpus as corpus_lib
 
 GROUP = "math"
 NUMBERS = ("words", "digits")
-_NAME = "MathSettings"
+_NAME = "MathConfig"
 
 SKILL1 = ("a {c} holds {x} {item} . how many {item} are in {n} {cs} ?",
           "each {c} has {x} {item} . how many {item} do {n} {cs} have ?")
@@ -69,7 +70,7 @@ FACTS = (f"{STEP1} .", f"{STEP2} .")
 
 
 @dataclasses.dataclass(frozen=True)
-class MathSettings:
+class MathConfig:
   """Generator settings (see the module docstring).
 
   numbers: 'words' (one token per number; skills are lookup tables) or 'digits' (numbers
@@ -105,22 +106,22 @@ class MathSettings:
   containers_plural: tuple[str, ...] = ("boxes", "bags", "crates", "baskets")
 
   def __post_init__(self):
-    common.check_int(_NAME, "seed", self.seed, 0, 2**32 - 1)
-    common.check_choice(_NAME, "numbers", self.numbers, NUMBERS)
-    common.check_int(_NAME, "max_factor", self.max_factor, 3, 30)
-    common.check_int(_NAME, "max_multiplicand", self.max_multiplicand, 11, 99)
-    common.check_int(_NAME, "max_subtrahend", self.max_subtrahend, 1, 100)
-    common.check_int(_NAME, "test_triples", self.test_triples, 1, 100_000)
-    common.check_int(_NAME, "target_triples", self.target_triples, 1, 100_000)
-    common.check_bool(_NAME, "domain_pretraining", self.domain_pretraining)
-    common.check_int(_NAME, "domain_problems", self.domain_problems,
+    validate.integer(f"{_NAME}.seed", self.seed, 0, 2**32 - 1)
+    validate.choice(f"{_NAME}.numbers", self.numbers, NUMBERS)
+    validate.integer(f"{_NAME}.max_factor", self.max_factor, 3, 30)
+    validate.integer(f"{_NAME}.max_multiplicand", self.max_multiplicand, 11, 99)
+    validate.integer(f"{_NAME}.max_subtrahend", self.max_subtrahend, 1, 100)
+    validate.integer(f"{_NAME}.test_triples", self.test_triples, 1, 100_000)
+    validate.integer(f"{_NAME}.target_triples", self.target_triples, 1, 100_000)
+    validate.boolean(f"{_NAME}.domain_pretraining", self.domain_pretraining)
+    validate.integer(f"{_NAME}.domain_problems", self.domain_problems,
                      1 if self.domain_pretraining else 0, 100_000)
-    common.check_int(_NAME, "fact_repeats", self.fact_repeats, 1, 1000)
-    common.check_int(_NAME, "background_repeats", self.background_repeats, 1, 1000)
-    common.check_int(_NAME, "scene_sentences", self.scene_sentences, 0, 1_000_000)
+    validate.integer(f"{_NAME}.fact_repeats", self.fact_repeats, 1, 1000)
+    validate.integer(f"{_NAME}.background_repeats", self.background_repeats, 1, 1000)
+    validate.integer(f"{_NAME}.scene_sentences", self.scene_sentences, 0, 1_000_000)
     for name, min_len in (("people", 2), ("items", 1), ("containers", 1),
                           ("containers_plural", 1)):
-      common.check_words(_NAME, name, getattr(self, name), min_len)
+      common.check_words(f"{_NAME}.{name}", getattr(self, name), min_len)
     if len(self.containers) != len(self.containers_plural):
       raise ValueError(f"{_NAME}.containers_plural has {len(self.containers_plural)} words, "
                        f"containers has {len(self.containers)}; give one plural per container")
@@ -160,7 +161,7 @@ class MathSettings:
     return out
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "MathSettings":
+  def from_dict(cls, d: Mapping[str, Any]) -> "MathConfig":
     return common.settings_from_mapping(cls, d)
 
 
@@ -171,7 +172,7 @@ def _template_words() -> set[str]:
   return out
 
 
-def vocabulary(settings: MathSettings) -> tuple[str, ...]:
+def vocabulary(settings: MathConfig) -> tuple[str, ...]:
   """Every word a world with these settings can contain, for any seed (sorted)."""
   if settings.numbers == "words":
     numbers = {str(i) for i in range(settings.max_number + 1)}
@@ -183,14 +184,14 @@ def vocabulary(settings: MathSettings) -> tuple[str, ...]:
   return tuple(sorted(words))
 
 
-def render(settings: MathSettings, value: int) -> str:
+def render(settings: MathConfig, value: int) -> str:
   """A number as text: one word ('words') or its digits separated by spaces ('digits')."""
   if value < 0:
     raise ValueError(f"render: numbers are non-negative, got {value}")
   return str(value) if settings.numbers == "words" else " ".join(str(value))
 
 
-def _scene(settings: MathSettings, rng) -> dict[str, str]:
+def _scene(settings: MathConfig, rng) -> dict[str, str]:
   """Random scene words: person p (and another, q), item, container c and its plural cs."""
   ci = int(rng.integers(len(settings.containers)))
   pi, qi = rng.choice(len(settings.people), size=2, replace=False)
@@ -311,7 +312,7 @@ def _check_text(where: str, text: str, steps: set[tuple[str, ...]], digits: bool
 # ---------------------------------------------------------------------- build
 
 
-def _split_products(s: MathSettings, pairs: Sequence[tuple[int, int]]):
+def _split_products(s: MathConfig, pairs: Sequence[tuple[int, int]]):
   """(test triples, non-test triples): test products drawn until test_triples are covered."""
   zs = range(1, s.max_subtrahend + 1)
   by_product: dict[int, list[tuple[int, int, int]]] = {}
@@ -340,10 +341,10 @@ def _split_products(s: MathSettings, pairs: Sequence[tuple[int, int]]):
   return test, rest, set(held)
 
 
-def build(settings: MathSettings) -> common.World:
+def build(settings: MathConfig) -> common.World:
   """The world for `settings` (deterministic in settings.seed)."""
-  if not isinstance(settings, MathSettings):
-    raise ValueError(f"build needs MathSettings, got {type(settings).__name__}")
+  if not isinstance(settings, MathConfig):
+    raise ValueError(f"build needs MathConfig, got {type(settings).__name__}")
   s = settings
   pairs = s.factor_pairs()
   test, rest, test_products = _split_products(s, pairs)
@@ -429,7 +430,7 @@ def build(settings: MathSettings) -> common.World:
   return world
 
 
-def _corpus_parts(s: MathSettings, pairs, all_subs, test_products, rest, composed_one):
+def _corpus_parts(s: MathConfig, pairs, all_subs, test_products, rest, composed_one):
   """(corpus parts, recall probes): counting, scenes, skill facts; domain problems if on."""
   num = lambda v: render(s, v)  # noqa: E731
   parts: list[corpus_lib.Part] = []

@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from lora_limits import validate
 from lora_limits.tasks import common
 from lora_limits.tasks import corpus as corpus_lib
 
@@ -59,7 +60,7 @@ POOL_TYPES = ("city", "country")
 TIERS = ("F", "H", "R")
 HYBRID_MODES = ("background", "one_hop")
 _MAX_COUNT = 100_000
-_NAME = "TwoHopSettings"
+_NAME = "TwoHopConfig"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +88,8 @@ class Relation:
     where = f"Relation({self.name!r})"
     if not isinstance(self.name, str) or not self.name.isidentifier():
       raise ValueError(f"Relation.name must be an identifier, got {self.name!r}")
-    common.check_choice(where, "subject", self.subject, ENTITY_TYPES)
-    common.check_choice(where, "object", self.object, ENTITY_TYPES)
+    validate.choice(f"{where}.subject", self.subject, ENTITY_TYPES)
+    validate.choice(f"{where}.object", self.object, ENTITY_TYPES)
     for field, required in (("statements", ("a", "b")), ("questions", ("a",)),
                             ("heldout", ("a",))):
       templates = getattr(self, field)
@@ -193,7 +194,7 @@ def reserved_words(relations: Sequence[Relation]) -> set[str]:
   return out
 
 
-def vocabulary(settings: "TwoHopSettings") -> tuple[str, ...]:
+def vocabulary(settings: "TwoHopConfig") -> tuple[str, ...]:
   """Every word a world with these settings can contain, for any seed (sorted)."""
   names = (name_inventory(settings) if settings.name_style == "token"
            else settings.syllables)
@@ -201,7 +202,7 @@ def vocabulary(settings: "TwoHopSettings") -> tuple[str, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class TwoHopSettings:
+class TwoHopConfig:
   """Generator settings; see the module docstring for the groups and tier definitions.
 
   relations: names in RELATIONS or Relation objects, chained (k = len(relations) >= 2).
@@ -243,7 +244,7 @@ class TwoHopSettings:
   filler_repeats: int = 2
 
   def __post_init__(self):
-    common.check_int(_NAME, "seed", self.seed, 0, 2**32 - 1)
+    validate.integer(f"{_NAME}.seed", self.seed, 0, 2**32 - 1)
     if not isinstance(self.relations, tuple) or not 2 <= len(self.relations) <= 6:
       raise ValueError(f"{_NAME}.relations must be a tuple of 2 to 6 relations, got "
                        f"{self.relations!r}")
@@ -270,18 +271,16 @@ class TwoHopSettings:
       raise ValueError(f"{_NAME}.tiers must be a non-empty tuple of {list(TIERS)}, got "
                        f"{self.tiers!r}")
     for t in self.tiers:
-      common.check_choice(_NAME, "tiers", t, TIERS)
+      validate.choice(f"{_NAME}.tiers", t, TIERS)
     if len(set(self.tiers)) != len(self.tiers):
       raise ValueError(f"{_NAME}.tiers repeats a tier: {self.tiers!r}")
     for name in ("test_chains", "target_chains", "filler_chains", "pool_size",
                  "filler_repeats", "probe_chains"):
-      common.check_int(_NAME, name, getattr(self, name), 1, _MAX_COUNT)
+      validate.integer(f"{_NAME}.{name}", getattr(self, name), 1, _MAX_COUNT)
     for name in ("background_exposure", "fact_exposure", "fact_free_exposure"):
-      common.check_int(_NAME, name, getattr(self, name), 0, _MAX_COUNT)
+      validate.integer(f"{_NAME}.{name}", getattr(self, name), 0, _MAX_COUNT)
     for name in ("composed_share", "statement_share"):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-        raise ValueError(f"{_NAME}.{name} must be a number in [0, 1), got {v!r}")
+      validate.number(f"{_NAME}.{name}", getattr(self, name), 0, 1, high_open=True)
     composed, statement, never = self.filler_roles
     if statement < 1 or never < 1:
       raise ValueError(
@@ -289,8 +288,8 @@ class TwoHopSettings:
           f"{self.composed_share} and statement_share={self.statement_share} leaves "
           f"{statement} statement-only and {never} never-composed fillers; each probe needs "
           "at least one (more filler chains, or smaller shares)")
-    common.check_choice(_NAME, "hybrid", self.hybrid, HYBRID_MODES)
-    common.check_choice(_NAME, "name_style", self.name_style, NAME_STYLES)
+    validate.choice(f"{_NAME}.hybrid", self.hybrid, HYBRID_MODES)
+    validate.choice(f"{_NAME}.name_style", self.name_style, NAME_STYLES)
     if "H" in self.tiers and self.background_exposure < 1:
       raise ValueError(f"{_NAME}.background_exposure must be >= 1 when tier H is built "
                        "(H entities appear in background sentences)")
@@ -298,7 +297,7 @@ class TwoHopSettings:
         self.fact_exposure < 1:
       raise ValueError(f"{_NAME}.fact_exposure must be >= 1 when tier R (or H with "
                        "hybrid='one_hop') is built")
-    common.check_words(_NAME, "syllables", self.syllables, min_len=2)
+    common.check_words(f"{_NAME}.syllables", self.syllables, min_len=2)
     for s in self.syllables:
       if not s.isalpha():
         raise ValueError(f"{_NAME}.syllables has {s!r}; syllables must be letters only")
@@ -310,7 +309,7 @@ class TwoHopSettings:
       raise ValueError(f"{_NAME}.name_lengths must be a non-empty tuple of ints in [2, 6], "
                        f"got {self.name_lengths!r}")
     for n in self.name_lengths:
-      common.check_int(_NAME, "name_lengths", n, 2, 6)
+      validate.integer(f"{_NAME}.name_lengths", n, 2, 6)
     if self.name_style == "token":
       available = sum(len(self.syllables) ** n for n in set(self.name_lengths))
       if names_needed(self) > min(available, 200_000):
@@ -342,7 +341,7 @@ class TwoHopSettings:
     return out
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "TwoHopSettings":
+  def from_dict(cls, d: Mapping[str, Any]) -> "TwoHopConfig":
     d = dict(d)
     if "relations" in d and isinstance(d["relations"], (list, tuple)):
       rels = []
@@ -362,7 +361,7 @@ def _pool_types(chain: Sequence[Relation]) -> list[str]:
   return sorted({r.object for r in chain} & set(POOL_TYPES))
 
 
-def names_needed(settings: TwoHopSettings) -> int:
+def names_needed(settings: TwoHopConfig) -> int:
   """How many distinct names one world of these settings uses (every seed the same)."""
   chains = settings.filler_chains + len(settings.tiers) * (
       settings.test_chains + settings.target_chains)
@@ -370,7 +369,7 @@ def names_needed(settings: TwoHopSettings) -> int:
           + settings.pool_size * len(_pool_types(settings.chain)))
 
 
-def name_inventory(settings: TwoHopSettings) -> tuple[str, ...]:
+def name_inventory(settings: TwoHopConfig) -> tuple[str, ...]:
   """The one-word names of `name_style='token'`: syllables joined, the shortest lengths
   first, each length in a fixed pseudo-random order; exactly `names_needed` of them, so every
   seed uses (and pretraining trains) every name token, in a different assignment."""
@@ -389,7 +388,7 @@ def name_inventory(settings: TwoHopSettings) -> tuple[str, ...]:
 class _TokenNames:
   """Draws one-word names from the inventory in a seeded order (no name twice)."""
 
-  def __init__(self, settings: TwoHopSettings, rng: np.random.Generator):
+  def __init__(self, settings: TwoHopConfig, rng: np.random.Generator):
     inventory = name_inventory(settings)
     self._order = [inventory[i] for i in rng.permutation(len(inventory))]
 
@@ -445,7 +444,7 @@ def _balanced(n: int, pool: Sequence[str], rng: np.random.Generator) -> list[str
   return out[:n]
 
 
-def _make_group(name: str, settings: TwoHopSettings, names, pools: Mapping[str, list[str]],
+def _make_group(name: str, settings: TwoHopConfig, names, pools: Mapping[str, list[str]],
                 memo: dict[tuple[str, str], str], rng, sizes: Sequence[int],
                 cover: bool) -> tuple[_Group, list[list[list[str]]]]:
   """A group whose chains come in blocks of `sizes` (e.g. test, target); the final entity
@@ -489,7 +488,7 @@ def _make_group(name: str, settings: TwoHopSettings, names, pools: Mapping[str, 
   return _Group(name, test, target, attrs, etype), blocks
 
 
-def exposed_hops(tier: str, settings: TwoHopSettings) -> tuple[int, ...]:
+def exposed_hops(tier: str, settings: TwoHopConfig) -> tuple[int, ...]:
   """0-based hops whose facts the tier's pretraining corpus contains."""
   if tier == "R":
     return tuple(range(settings.k))
@@ -536,7 +535,7 @@ def _fact_meta(group: _Group, r: Relation, hop: int, s: str, o: str, split: str,
           "relation": r.name, "template": template}
 
 
-def _fact_examples(group: _Group, settings: TwoHopSettings, hop: int, facts, split: str,
+def _fact_examples(group: _Group, settings: TwoHopConfig, hop: int, facts, split: str,
                    templates: str, one_per_fact: bool) -> tuple[common.Example, ...]:
   """Question → answer examples of hop-`hop` facts ('questions' or 'heldout' templates)."""
   r = settings.chain[hop]
@@ -559,7 +558,7 @@ def _shared(r: Relation, tests: tuple[common.Example, ...]) -> tuple[common.Exam
   return tuple(common.Example(e.prompt, e.answer, {**e.meta, "shared": True}) for e in tests)
 
 
-def _statement_examples(group: _Group, settings: TwoHopSettings, hop: int, facts,
+def _statement_examples(group: _Group, settings: TwoHopConfig, hop: int, facts,
                         split: str) -> tuple[common.Example, ...]:
   """Every statement form of each fact: "A 's spouse is" → "B ." (the statement's text)."""
   r = settings.chain[hop]
@@ -573,7 +572,7 @@ def _statement_examples(group: _Group, settings: TwoHopSettings, hop: int, facts
   return tuple(out)
 
 
-def _composed_examples(group: _Group, settings: TwoHopSettings, chains, split: str, fmt: str,
+def _composed_examples(group: _Group, settings: TwoHopConfig, chains, split: str, fmt: str,
                        one_per_chain: bool) -> tuple[common.Example, ...]:
   rels = settings.chain
   qs = rels[-1].questions
@@ -618,17 +617,17 @@ def _fact_forms(r: Relation, s: str, o: str, questions: bool,
   return forms
 
 
-def fact_free_texts(settings: TwoHopSettings, person: str) -> list[str]:
+def fact_free_texts(settings: TwoHopConfig, person: str) -> list[str]:
   """The echo and frame texts of one person, `fact_free_exposure` of each."""
   phrase = composed_phrase(settings.chain, person)
   texts = [common.fill(ECHO, a=person), FRAME.format(phrase=phrase, a=person)]
   return [t for _ in range(settings.fact_free_exposure) for t in texts]
 
 
-def build(settings: TwoHopSettings) -> common.World:
+def build(settings: TwoHopConfig) -> common.World:
   """The world for `settings` (deterministic in settings.seed); see the module docstring."""
-  if not isinstance(settings, TwoHopSettings):
-    raise ValueError(f"build needs TwoHopSettings, got {type(settings).__name__}")
+  if not isinstance(settings, TwoHopConfig):
+    raise ValueError(f"build needs TwoHopConfig, got {type(settings).__name__}")
   rels, k = settings.chain, settings.k
   if settings.name_style == "token":
     names = _TokenNames(settings, common.rng_for(settings.seed, 0))
@@ -786,7 +785,7 @@ def _dedupe(examples: Sequence[common.Example]) -> tuple[common.Example, ...]:
 def expected_exposure(world: common.World, group: str) -> tuple[dict[str, int], dict[str, int]]:
   """(mentions per person outside the fact-free texts, texts per fact kind) that the tier
   definition prescribes. Pooled entities (cities) are shared by every group: not counted."""
-  s: TwoHopSettings = world.settings
+  s: TwoHopConfig = world.settings
   exposed = exposed_hops(group, s)
   bg = s.background_exposure if group in ("H", "R") else 0
   mentions = {n: bg for n in world.entities[group]["person"]}

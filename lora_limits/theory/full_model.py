@@ -170,7 +170,7 @@ def layer_inputs(params: Mapping[str, Any], cfg: transformer.ModelConfig, tokens
   Pass merged params (e.g. `lora.merge(params, adapter)`) for inputs under an adapter."""
   if not paths:
     raise ValueError("layer_inputs needs at least one kernel path")
-  _, aux = transformer.apply(params, jnp.asarray(tokens_BxT), cfg, capture=paths)
+  _, aux = transformer.apply(params, cfg, jnp.asarray(tokens_BxT), capture=paths)
   return {p: np.asarray(x, np.float64) for p, x in aux["captured"].items()}
 
 

@@ -33,20 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lora_limits import validate
+
 _READOUTS = ("lstsq", "train")
-
-
-def _check_int(owner: str, name: str, value, minimum: int):
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-    raise ValueError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _check_float(owner: str, name: str, value, minimum: float, strict: bool = False):
-  ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
-  ok = ok and math.isfinite(value) and (value > minimum if strict else value >= minimum)
-  if not ok:
-    op = ">" if strict else ">="
-    raise ValueError(f"{owner}.{name} must be a finite number {op} {minimum}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +50,12 @@ class KVConfig:
   two_hop_carry: float = 1.0  # ρ: weight of e_REL1 in the two-hop residual
 
   def __post_init__(self):
-    _check_int("KVConfig", "n_entities", self.n_entities, 2)
-    _check_int("KVConfig", "n_relations", self.n_relations, 1)
-    _check_int("KVConfig", "d_model", self.d_model, 1)
-    _check_int("KVConfig", "d_ff", self.d_ff, 1)
-    _check_float("KVConfig", "relation_scale", self.relation_scale, 0.0)
-    _check_float("KVConfig", "two_hop_carry", self.two_hop_carry, 0.0)
+    validate.integer("KVConfig.n_entities", self.n_entities, 2)
+    validate.integer("KVConfig.n_relations", self.n_relations, 1)
+    validate.integer("KVConfig.d_model", self.d_model, 1)
+    validate.integer("KVConfig.d_ff", self.d_ff, 1)
+    validate.number("KVConfig.relation_scale", self.relation_scale, 0)
+    validate.number("KVConfig.two_hop_carry", self.two_hop_carry, 0)
 
   @property
   def n_facts(self) -> int:
@@ -187,8 +176,8 @@ def fit_readout(model: KVModel, table_RxN: np.ndarray, *, method: str = "lstsq",
     return one_hot(target, cfg.n_entities).T @ np.linalg.pinv(h.T)
   if key is None:
     raise ValueError("fit_readout(method='train') needs a PRNG key")
-  _check_int("fit_readout", "steps", steps, 1)
-  _check_float("fit_readout", "learning_rate", learning_rate, 0.0, strict=True)
+  validate.integer("steps", steps, 1)
+  validate.number("learning_rate", learning_rate, 0, low_open=True)
   return _train_readout(h, target, cfg.n_entities, steps, learning_rate)
 
 
@@ -274,12 +263,11 @@ class GDConfig:
   record_every: int = 50
 
   def __post_init__(self):
-    _check_int("GDConfig", "steps", self.steps, 1)
-    _check_int("GDConfig", "record_every", self.record_every, 1)
-    _check_float("GDConfig", "learning_rate", self.learning_rate, 0.0, strict=True)
-    _check_float("GDConfig", "init_scale", self.init_scale, 0.0, strict=True)
-    if self.init not in ("small", "peft"):
-      raise ValueError(f"GDConfig.init={self.init!r} is not one of ['small', 'peft']")
+    validate.integer("GDConfig.steps", self.steps, 1)
+    validate.integer("GDConfig.record_every", self.record_every, 1)
+    validate.number("GDConfig.learning_rate", self.learning_rate, 0, low_open=True)
+    validate.number("GDConfig.init_scale", self.init_scale, 0, low_open=True)
+    validate.choice("GDConfig.init", self.init, ("small", "peft"))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -305,8 +293,7 @@ class LoraFit:
 
 
 def check_rank(rank, n: int, f: int, owner: str = "rank"):
-  if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1:
-    raise ValueError(f"{owner} must be a positive int, got {rank!r}")
+  validate.integer(owner, rank, 1)
   if rank > min(n, f):
     raise ValueError(f"{owner}={rank} is larger than min(n_entities, d_ff)={min(n, f)}")
 
@@ -422,9 +409,8 @@ def arrow_weights(protos_KxF: np.ndarray, h_MxF: np.ndarray, *, top_k: int = 1,
   """Per-prompt weights [M, K]: scores |⟨v_k, h⟩| / temperature, the top-k kept and
   softmax-normalised, the rest 0."""
   k = protos_KxF.shape[0]
-  if not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= k:
-    raise ValueError(f"arrow top_k must be an int in [1, {k}], got {top_k!r}")
-  _check_float("arrow", "temperature", temperature, 0.0, strict=True)
+  validate.integer("top_k", top_k, 1, k)
+  validate.number("temperature", temperature, 0, low_open=True)
   scores = np.abs(h_MxF @ protos_KxF.T) / temperature
   kth = np.sort(scores, axis=1)[:, -top_k][:, None]
   masked = np.where(scores >= kth, scores, -np.inf)

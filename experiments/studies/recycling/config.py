@@ -150,12 +150,12 @@ class AdapterSection:
       raise ValueError(f"adapters.stop_accuracy must be in (0, 1], got {self.stop_accuracy}")
     if not self.learning_rate > 0 or not self.alpha > 0:
       raise ValueError("adapters.learning_rate and adapters.alpha must be > 0")
-    _ = self.spec  # LoraSpec validates rank, alpha, targets and dropout
+    _ = self.spec  # LoraConfig validates rank, alpha, targets and dropout
 
   @property
-  def spec(self) -> lora_lib.LoraSpec:
-    return lora_lib.LoraSpec(rank=self.rank, alpha=self.alpha, targets=self.targets,
-                             rslora=self.rslora, dropout=self.dropout)
+  def spec(self) -> lora_lib.LoraConfig:
+    return lora_lib.LoraConfig(rank=self.rank, alpha=self.alpha, targets=self.targets,
+                               rslora=self.rslora, dropout=self.dropout)
 
 
 PROVIDED = frozenset({"shots", "labels", "centroids"})  # resources a recycler may get here
@@ -296,8 +296,8 @@ def check_adapters_fit(cfg: RecyclingStudy) -> None:
 def world_settings(cfg: RecyclingStudy, seed: int):
   mapping = dict(cfg.world, seed=seed)
   if cfg.task == "two_hop":
-    return task_common.settings_from_mapping(two_hop.TwoHopSettings, mapping)
-  return task_common.settings_from_mapping(math_word.MathSettings, mapping)
+    return task_common.settings_from_mapping(two_hop.TwoHopConfig, mapping)
+  return task_common.settings_from_mapping(math_word.MathConfig, mapping)
 
 
 def build_world(cfg: RecyclingStudy, seed: int) -> task_common.World:
