@@ -90,7 +90,7 @@ def kill_plan(seed: int, stages: tuple[str, ...]) -> list[KillPoint]:
   if "evaluate" in stages:
     plan.append(KillPoint(
         "evaluation", lambda w, log: "seed 0: evaluation: start" in log,
-        lambda w: not (w / UNIT).exists(), delay_s=round(rng.uniform(0.0, 4.0), 2)))
+        lambda w: not (w / UNIT).exists(), delay_s=round(rng.uniform(0.0, 1.0), 2)))
   if "report" in stages:
     plan.append(KillPoint(
         "after the unit file, before the report", lambda w, log: (w / (UNIT + ".meta.json")).exists(),
