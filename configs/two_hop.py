@@ -19,7 +19,10 @@ ending (EOS, a statement's period) of every adapter answer (`adapters.train_endi
 Trained, they cut chains of thought short after a copied name. `make run` on 2026-12-02,
 seeds 0/1/2, with them → without: base CoT on never-composed fillers 0.97/0.78/0.91 →
 1.00/0.97/1.00; hop2 on tier-F bridge-stated questions 0.81/0.75/0.75 → 0.59/0.97/0.38
-(that gate still fails on two seeds: hop2 recalls wrong cities mid-chain).
+(hop2 recalled wrong cities mid-chain). An adapter's statements are therefore also trained
+after another statement of its own data (`adapters.in_context=2` copies each): hop2 on
+tier-F bridge-stated questions, seeds 0/2, 0.59/0.38 → 1.00/1.00 (probe on 2026-12-03,
+hop2 alone, the same base models).
 Expected: the report opens with the gates per seed (base extraction and CoT on the probes,
 no tier-F knowledge before adapters, experts on held-out forms, the positive control), then
 the pre-registered claims and their verdicts.
