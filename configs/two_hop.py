@@ -22,7 +22,8 @@ seeds 0/1/2, with them → without: base CoT on never-composed fillers 0.97/0.78
 (hop2 recalled wrong cities mid-chain). An adapter's statements are therefore also trained
 after another statement of its own data (`adapters.in_context=2` copies each): hop2 on
 tier-F bridge-stated questions, seeds 0/2, 0.59/0.38 → 1.00/1.00 (probe on 2026-12-03,
-hop2 alone, the same base models).
+hop2 alone, the same base models); `make run` that day: 1.00 on every seed, every gate
+passed on seeds 1 and 2, seed 0's experts 0.84/0.84 on held-out forms (gate 0.9).
 Expected: the report opens with the gates per seed (base extraction and CoT on the probes,
 no tier-F knowledge before adapters, experts on held-out forms, the positive control), then
 the pre-registered claims and their verdicts.
