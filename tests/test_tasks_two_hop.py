@@ -303,3 +303,14 @@ def test_fuzz_settings_give_a_world_or_a_value_error(kw):
   event("built")
   corpus.check_no_leak(w)
   assert all(len(ex) > 0 for sp in w.splits.values() for ex in sp.values())
+
+
+def test_long_names_are_drawn_without_listing_every_combination():
+  # 40 syllables, 6 long: 4e9 combinations; listing them exhausted memory (found by the fuzz test).
+  s = two_hop.TwoHopConfig(name_lengths=(6,))
+  names = two_hop.name_inventory(s)
+  assert len(names) == len(set(names)) == two_hop.names_needed(s)
+  assert all(len(n) >= 6 for n in names)
+  assert names == two_hop.name_inventory(s)  # fixed, like the listed lengths
+  assert two_hop.name_inventory(two_hop.TwoHopConfig()) == two_hop.name_inventory(
+      two_hop.TwoHopConfig())

@@ -378,11 +378,23 @@ def name_inventory(settings: TwoHopConfig) -> tuple[str, ...]:
   out: list[str] = []
   syl = list(settings.syllables)
   for length in sorted(set(settings.name_lengths)):
-    combos = ["".join(c) for c in itertools.product(syl, repeat=length)]
-    out.extend(combos[i] for i in rng.permutation(len(combos)))
+    count = len(syl) ** length
+    if count <= _EAGER_NAMES:
+      combos = ["".join(c) for c in itertools.product(syl, repeat=length)]
+      out.extend(combos[i] for i in rng.permutation(count))
+    else:  # too many to list (40 syllables, 6 long: 4e9): draw only the names still needed
+      for i in rng.choice(count, size=min(need - len(out), count), replace=False):
+        digits = []
+        for _ in range(length):
+          i, d = divmod(int(i), len(syl))
+          digits.append(syl[d])
+        out.append("".join(reversed(digits)))
     if len(out) >= need:
       break
   return tuple(out[:need])
+
+
+_EAGER_NAMES = 1_000_000  # a name length with more combinations than this is drawn, not listed
 
 
 class _TokenNames:
