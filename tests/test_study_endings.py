@@ -144,3 +144,17 @@ def test_min_steps_beyond_max_steps_is_refused(setting):
   c.adapters.update(dict(max_steps=20, min_steps=21))
   with pytest.raises(ValueError, match=r"adapters.min_steps=21 exceeds adapters.max_steps=20"):
     recycling.parse(c)
+
+
+def test_in_context_prefixes_stay_context_when_statements_train_as_text(setting):
+  c, _, tokenizer, world = setting
+  c = c.copy_and_resolve_references()
+  c.adapters.update(dict(in_context=1, statements="text"))
+  cfg = recycling.parse(c)
+  examples = stages.adapter_examples(world, "hop2")
+  rows, data = stages.adapter_data(cfg, tokenizer, world, examples, seed=0)
+  first = len(examples)  # the first in-context copy: "<other statement> B lives in C ."
+  original = next(e for e in examples if e.meta["format"] == "statement")
+  # Trained as text from its second word on, the prefix before it untrained.
+  assert _targets(tokenizer, data, first).split() == (
+      original.prompt.split() + original.answer.split())[1:-1]

@@ -60,6 +60,7 @@ POOL_TYPES = ("city", "country")
 TIERS = ("F", "H", "R")
 HYBRID_MODES = ("background", "one_hop")
 _MAX_COUNT = 100_000
+_EAGER_NAMES = 1_000_000  # a name length with more combinations than this is drawn, not listed
 _NAME = "TwoHopConfig"
 
 
@@ -393,8 +394,6 @@ def name_inventory(settings: TwoHopConfig) -> tuple[str, ...]:
       break
   return tuple(out[:need])
 
-
-_EAGER_NAMES = 1_000_000  # a name length with more combinations than this is drawn, not listed
 
 
 class _TokenNames:

@@ -103,9 +103,9 @@ STATEMENT_LOSSES = ("answer", "text")
 @dataclasses.dataclass(frozen=True)
 class AdapterSection:
   """Each adapter trains until `stop_accuracy` exact match on its own training data (checked
-  every `eval_every` steps from `min_steps` on) or `max_steps`. replay: pretraining texts mixed into its data, as
-  a fraction of its own examples (the same sample size for every adapter; none names a
-  test entity's fact), so it keeps what the base knew;
+  every `eval_every` steps from `min_steps` on) or `max_steps`. replay: pretraining texts
+  mixed into its data, as a fraction of its own examples (the same sample size for every
+  adapter; none names a test entity's fact), so it keeps what the base knew;
   train_ending: whether an answer's ending is a trained target: its closing EOS and a
   statement's closing period (replayed texts keep theirs). Trained on "A 's spouse is" →
   "B ." + EOS, an adapter learns to stop after the fact, which a chain of thought must not

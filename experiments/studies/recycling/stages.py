@@ -217,9 +217,10 @@ def adapter_data(cfg: RecyclingStudy, tokenizer, world: task_common.World,
   without their ending unless `adapters.train_ending`, and on every token of a replayed
   text), packed when `adapters.row_len` is set. Returns (the examples' rows, the data)."""
   a = cfg.adapters
-  examples = list(examples) + in_context(examples, a.in_context, seed)
   if a.statements == "text":
     examples = [_as_text(e) for e in examples]
+  # After _as_text: a copy's prefix is context whichever way its statement trains.
+  examples = list(examples) + in_context(examples, a.in_context, seed)
   rows = tok_lib.encode_examples(tokenizer, examples)
   if not a.train_ending:
     rows = data_lib.untrain_tail(rows, _ending(examples))
