@@ -20,10 +20,10 @@ Trained, they cut chains of thought short after a copied name. `make run` on 202
 seeds 0/1/2, with them → without: base CoT on never-composed fillers 0.97/0.78/0.91 →
 1.00/0.97/1.00; hop2 on tier-F bridge-stated questions 0.81/0.75/0.75 → 0.59/0.97/0.38
 (hop2 recalled wrong cities mid-chain). An adapter's statements are therefore also trained
-after another statement of its own data (`adapters.in_context=2` copies each): hop2 on
-tier-F bridge-stated questions, seeds 0/2, 0.59/0.38 → 1.00/1.00 (probe on 2026-12-03,
-hop2 alone, the same base models); `make run` that day: 1.00 on every seed, every gate
-passed on seeds 1 and 2, seed 0's experts 0.84/0.84 on held-out forms (gate 0.9).
+after another statement of its own data (`adapters.in_context=2` copies each): `make run`
+on 2026-12-03 (the same base models as the day before): hop2 on tier-F bridge-stated
+questions 1.00/1.00/1.00, every gate passed on seeds 1 and 2, seed 0's experts 0.84/0.84
+on held-out forms (gate 0.9).
 Expected: the report opens with the gates per seed (base extraction and CoT on the probes,
 no tier-F knowledge before adapters, experts on held-out forms, the positive control), then
 the pre-registered claims and their verdicts.
