@@ -7,7 +7,10 @@ runs unmerged, so no gradient is ever formed for a frozen kernel). Randomness is
 resumed run is bitwise identical to an uninterrupted one. Data parallel over a `data` mesh
 axis with `jax.jit` + `NamedSharding` (also over several processes: each feeds its own rows,
 and the trained result comes back as each process's local copy); metrics are fetched one
-step late, so the host never waits on the device inside the loop.
+step late, so the host never waits on the device inside the loop. The compiled step is
+shared: every run with the same model config, optimizer settings and kind (every adapter of a
+study, every seed's pretraining) reuses one program, the key being an argument, not a
+constant baked into it.
 
 A step whose loss or gradient norm is not finite leaves the state unchanged and is
 reported; the loop then stops with `NonFiniteError` naming the step and the last good
@@ -17,6 +20,7 @@ checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -79,7 +83,10 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
       end_value=cfg.learning_rate * cfg.end_lr_fraction)
 
 
+@functools.lru_cache(maxsize=32)
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+  """AdamW per `cfg` (memoised: equal settings give the same object, so the train steps built
+  on it share one compiled program)."""
   parts = []
   if cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))
@@ -100,13 +107,36 @@ jax.tree_util.register_dataclass(TrainState, data_fields=["step", "trainable", "
 
 
 def make_train_step(model_cfg: transformer.ModelConfig, optimizer: optax.GradientTransformation,
-                    *, kind: str, key: jax.Array, lora_dropout: float = 0.0):
+                    *, kind: str, key: jax.Array, lora_dropout: float = 0.0) -> "TrainStep":
   """step(state, frozen, batch) -> (state, metrics); `kind` is 'full' or 'lora'.
 
   full: trainable = params, frozen unused. lora: trainable = adapter, frozen = base params.
   """
   if kind not in ("full", "lora"):
     raise ValueError(f"kind={kind!r} is not one of ['full', 'lora']")
+  return TrainStep(model_cfg, optimizer, kind, float(lora_dropout), key)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """A train step: the program (`model_cfg`, `optimizer`, `kind`, `lora_dropout`, compared
+  and hashed) and its key (an argument of the program; neither compared nor hashed)."""
+
+  model_cfg: transformer.ModelConfig
+  optimizer: optax.GradientTransformation
+  kind: str
+  lora_dropout: float
+  key: jax.Array = dataclasses.field(compare=False)
+
+  def __call__(self, state: TrainState, frozen, batch):
+    return _step_program(self.model_cfg, self.optimizer, self.kind, self.lora_dropout)(
+        state, frozen, batch, self.key)
+
+
+@functools.lru_cache(maxsize=32)
+def _step_program(model_cfg: transformer.ModelConfig, optimizer: optax.GradientTransformation,
+                  kind: str, lora_dropout: float):
+  """step(state, frozen, batch, key) -> (state, metrics), one Python function per program."""
 
   def loss_fn(trainable, frozen, batch, step_key):
     packing = {"positions_BxT": batch.get("positions"),
@@ -120,7 +150,7 @@ def make_train_step(model_cfg: transformer.ModelConfig, optimizer: optax.Gradien
     metrics = metrics_lib.batch_metrics(logits, batch["targets"], batch["weights"])
     return metrics["loss"], metrics
 
-  def step(state: TrainState, frozen, batch):
+  def step(state: TrainState, frozen, batch, key):
     step_key = jax.random.fold_in(key, state.step)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.trainable, frozen, batch, step_key)
@@ -135,6 +165,14 @@ def make_train_step(model_cfg: transformer.ModelConfig, optimizer: optax.Gradien
     return new, metrics
 
   return step
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_program(step: TrainStep, rep, bat):
+  """The compiled form of `step`'s program, shared by every step equal to it."""
+  program = _step_program(step.model_cfg, step.optimizer, step.kind, step.lora_dropout)
+  return jax.jit(program, in_shardings=(rep, rep, bat, rep), out_shardings=(rep, rep),
+                 donate_argnums=(0,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,8 +234,13 @@ def fit(step_fn, trainable, frozen, data: data_lib.Encoded, loop: LoopConfig,
           f"checkpoint step {latest} in {checkpoint_dir} records data position "
           f"{saved.get('data_position')!r}; expected {latest}")
 
-  jitted = jax.jit(step_fn, in_shardings=(rep, rep, bat), out_shardings=(rep, rep),
-                   donate_argnums=(0,))
+  if isinstance(step_fn, TrainStep):  # one program for every equal step (see the docstring)
+    program = _jitted_program(step_fn, rep, bat)
+    key = shard_lib.put_replicated(step_fn.key, rep)
+    jitted = lambda state, frozen, batch: program(state, frozen, batch, key)
+  else:  # any other step function (a wrapped or instrumented one) is compiled for this run
+    jitted = jax.jit(step_fn, in_shardings=(rep, rep, bat), out_shardings=(rep, rep),
+                     donate_argnums=(0,))
 
   def save(step: int):
     if checkpointer is not None:

@@ -55,11 +55,38 @@ def test_step_traces_once_per_shape(base):
   optim = train.OptimConfig()
   optimizer = train.make_optimizer(optim, 6)
   step = train.make_train_step(CFG, optimizer, kind="lora", key=jax.random.key(0))
-  counted = chex.assert_max_traces(step, n=1)
+  counted = chex.assert_max_traces(lambda state, frozen, batch: step(state, frozen, batch), n=1)
   adapter = lora_lib.init(jax.random.key(0), base, lora_lib.LoraConfig(rank=2))
   _, hist, _ = train.fit(counted, adapter, base, _data(), train.LoopConfig(steps=6, batch_size=8),
                          optimizer)
   assert len(hist) == 6
+
+
+def test_equal_steps_share_one_compiled_program_and_keep_their_own_key(base):
+  """Adapters of one study share the compiled step; the key is an argument, so dropout still
+  follows each run's own key, exactly as a step compiled for that run alone."""
+  optimizer = train.make_optimizer(train.OptimConfig(learning_rate=2e-2, warmup_steps=2), 5)
+  assert optimizer is train.make_optimizer(train.OptimConfig(learning_rate=2e-2, warmup_steps=2), 5)
+  loop = train.LoopConfig(steps=5, batch_size=8)
+  mesh = shard_lib.data_mesh(1)
+  adapter = lora_lib.init(jax.random.key(3), base, lora_lib.LoraConfig(rank=4))
+
+  def run(key, wrap=False):
+    step = train.make_train_step(CFG, optimizer, kind="lora", key=key, lora_dropout=0.5)
+    fn = (lambda s, f, b: step(s, f, b)) if wrap else step  # a plain function: its own jit
+    trained, _, _ = train.fit(fn, jax.tree.map(jnp.array, adapter), base, _data(seed=1), loop,
+                              optimizer, mesh=mesh)
+    return trained
+
+  a, b = run(jax.random.key(0)), run(jax.random.key(1))
+  program = train._jitted_program(
+      train.make_train_step(CFG, optimizer, kind="lora", key=jax.random.key(9), lora_dropout=0.5),
+      shard_lib.replicated(mesh), shard_lib.batch_sharded(mesh))
+  assert program._cache_size() == 1  # two runs, two keys, one compilation
+  alone = run(jax.random.key(1), wrap=True)
+  chex.assert_trees_all_equal(b, alone)  # the shared program used run b's key
+  assert not np.allclose(np.asarray(a["layers/0/attn/q_proj/kernel"].b),
+                         np.asarray(b["layers/0/attn/q_proj/kernel"].b))
 
 
 def test_one_device_and_four_devices_agree(base):
