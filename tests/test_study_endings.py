@@ -158,3 +158,33 @@ def test_in_context_prefixes_stay_context_when_statements_train_as_text(setting)
   # Trained as text from its second word on, the prefix before it untrained.
   assert _targets(tokenizer, data, first).split() == (
       original.prompt.split() + original.answer.split())[1:-1]
+
+
+@pytest.mark.parametrize("n, missed, stop_accuracy, met, calls", [
+    (600, [], 1.0, True, 2),  # the sample passes, then every row is checked
+    (600, [5], 1.0, None, None),  # one miss anywhere fails a 1.0 criterion
+    (600, list(range(0, 600, 100)), 0.99, True, 2),  # 6 misses of 600 = 0.99 exactly
+    (600, list(range(0, 700, 100))[:6] + [599], 0.99, False, None),  # 7 misses
+    (100, [3], 0.95, True, 1),  # at most the sample's size: one full check, no sample
+])
+def test_the_stop_criterion_decides_as_a_check_of_every_row(n, missed, stop_accuracy, met,
+                                                             calls):
+  rows = {"tokens": np.arange(n, dtype=np.int32)[:, None], "prompt_len": np.ones(n, np.int32),
+          "answer_len": np.zeros(n, np.int32)}
+  seen = []
+
+  def exact_of(subset):
+    seen.append(len(subset["tokens"]))
+    return ~np.isin(subset["tokens"][:, 0], missed)
+
+  expected = float(np.mean(exact_of(rows))) >= stop_accuracy
+  seen.clear()
+  assert stages.criterion_met(exact_of, rows, stop_accuracy, seed=0) == expected
+  if met is not None:
+    assert expected == met
+  if calls is not None:
+    assert len(seen) == calls
+  if not expected and seen[0] < n:  # the sample saw enough misses: the full check was skipped
+    sample = np.sort(np.random.default_rng([0, 31]).permutation(n)[:stages._STOP_PROBE_ROWS])
+    skipped = (n - np.isin(sample, missed).sum()) / n < stop_accuracy
+    assert len(seen) == (1 if skipped else 2)
