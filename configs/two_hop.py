@@ -23,7 +23,12 @@ seeds 0/1/2, with them → without: base CoT on never-composed fillers 0.97/0.78
 after another statement of its own data (`adapters.in_context=2` copies each): `make run`
 on 2026-12-03 (the same base models as the day before): hop2 on tier-F bridge-stated
 questions 1.00/1.00/1.00, every gate passed on seeds 1 and 2, seed 0's experts 0.84/0.84
-on held-out forms (gate 0.9).
+on held-out forms (gate 0.9). Statements are trained as text (`adapters.statements='text'`:
+the loss on every word after the subject) at a lower rate for longer (`learning_rate=5e-3`, `max_steps=800`).
+`make run` on 2026-12-03 with them: every gate passed on every seed (held-out forms hop1
+0.94/0.97/0.94, hop2 0.91/1.00/0.97; tier-F CoT strict union 0.72/0.81/0.25, all 1.00 on
+each); statements as text at the old rate and length failed a gate on seeds 0 and 2
+(union and all CoT 0.50/0.53 on seed 0, hop2 0.81 on seed 2).
 Expected: the report opens with the gates per seed (base extraction and CoT on the probes,
 no tier-F knowledge before adapters, experts on held-out forms, the positive control), then
 the pre-registered claims and their verdicts.
@@ -53,9 +58,9 @@ def get_config(variant: str = "") -> config_dict.ConfigDict:
                                            fact_free_eos=False))
   c.adapters = config_dict.ConfigDict(dict(
       rank=8, alpha=16.0, targets=lora.DEFAULT_TARGETS, rslora=False, dropout=0.0,
-      max_steps=500, batch_size=8, learning_rate=1e-2, warmup_steps=20, stop_accuracy=1.0,
+      max_steps=800, batch_size=8, learning_rate=5e-3, warmup_steps=20, stop_accuracy=1.0,
       min_steps=0, eval_every=25, replay=1.0, row_len=128, train_ending=False,
-      statements="answer", in_context=2))
+      statements="text", in_context=2))
   c.gates = config_dict.ConfigDict(dict(
       base_extraction=0.95, base_cot=0.9, base_leak=0.1, expert=0.9, bridge_stated=0.9,
       union_cot=0.6, union_cot_goal=0.8))

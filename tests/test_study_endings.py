@@ -31,7 +31,7 @@ def _targets(tokenizer, data, row):
 def test_adapter_answers_train_their_ending_only_when_asked(setting, train_ending):
   c, _, tokenizer, world = setting
   c = c.copy_and_resolve_references()
-  c.adapters.train_ending = train_ending
+  c.adapters.update(dict(train_ending=train_ending, statements="answer"))  # the answer alone
   cfg = recycling.parse(c)
   examples = stages.adapter_examples(world, "union")
   _, data = stages.adapter_data(cfg, tokenizer, world, examples, seed=0)
@@ -97,7 +97,7 @@ def test_statements_trained_as_text_put_the_loss_on_every_word_after_the_first(s
 def test_in_context_copies_put_each_statement_after_another_of_the_same_adapter(setting):
   c, _, tokenizer, world = setting
   c = c.copy_and_resolve_references()
-  c.adapters.in_context = 2
+  c.adapters.update(dict(in_context=2, statements="answer"))  # the text case: a test below
   cfg = recycling.parse(c)
   examples = stages.adapter_examples(world, "hop2")
   statements = [e for e in examples if e.meta["format"] == "statement"]
