@@ -23,8 +23,9 @@ seeds 0/1/2, with them → without: base CoT on never-composed fillers 0.97/0.78
 after another statement of its own data (`adapters.in_context=2` copies each): `make run`
 on 2026-12-03 (the same base models as the day before): hop2 on tier-F bridge-stated
 questions 1.00/1.00/1.00, every gate passed on seeds 1 and 2, seed 0's experts 0.84/0.84
-on held-out forms (gate 0.9). Statements are trained as text (`adapters.statements='text'`:
-the loss on every word after the subject) at a lower rate for longer (`learning_rate=5e-3`, `max_steps=800`).
+on held-out forms (gate 0.9). Statements are therefore trained as text
+(`adapters.statements='text'`: the loss on every word after the subject) at a lower rate for
+longer (`learning_rate=5e-3`, `max_steps=800`).
 `make run` on 2026-12-03 with them: every gate passed on every seed (held-out forms hop1
 0.94/0.97/0.94, hop2 0.91/1.00/0.97; tier-F CoT strict union 0.72/0.81/0.25, all 1.00 on
 each); statements as text at the old rate and length failed a gate on seeds 0 and 2
