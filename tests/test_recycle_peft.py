@@ -228,7 +228,10 @@ def test_bad_inputs_are_config_errors_before_anything_is_written(world, tmp_path
   cases = [
       (dict(eval=str(bad_eval)), r"config.eval: .*bad.jsonl: line 2 lacks the field 'answer'"),
       (dict(eval=str(unknown)), r"unknown.jsonl: line 1: words \['zebra'\]"),
-      (dict(eval=str(tmp_path / "none.jsonl")), r"config.eval: .*none.jsonl' is not a file"),
+      (dict(eval=str(tmp_path / "none.jsonl")), r"config.eval: .*none.jsonl' is not a file; "
+       r"expected a JSONL file with one \{\"prompt\": \.\.\., \"answer\""),
+      (dict(fewshot=str(tmp_path / "none.jsonl")), r"config.fewshot: .*none.jsonl' is not a "
+       "file; expected a JSONL file"),
       (dict(fewshot=str(overlap)), r"overlap.jsonl: line 1 asks the same prompt as .*line 2"),
       (dict(base=str(tmp_path)), r"config.base: .* is not a checkpoint directory"),
       (dict(adapters=str(tmp_path)), r"config.adapters: adapters\[0\]=.* does not fit"),
@@ -335,7 +338,7 @@ def test_user_errors_exit_2_with_one_line_for_every_study(world, tmp_path):
       (["--config=configs/merge_landscape.py", "--config.grid.steps=1"], "grid.steps"),
       (["--config=configs/recycle_peft.py", f"--config.base={world['base']}",
         f"--config.adapters={world['adapters']['geo']}", f"--config.eval={tmp_path}/no.jsonl"],
-       "config.eval"),
+       "no.jsonl' is not a file; expected a JSONL file with one {\"prompt\": ..., \"answer\""),
       (["--config=configs/smoke.py", "--config.no_such_key=1"], "unknown config field"),
   ]
   for args, expected in cases:
@@ -464,24 +467,3 @@ def test_lorahub_and_similarity_pad_with_eos_when_the_tokenizer_has_no_pad(world
     np.testing.assert_allclose(scores["loglik"], scores_nopad["loglik"], rtol=0, atol=1e-5,
                                err_msg=name)
 
-
-@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # config_flags
-def test_a_missing_eval_file_is_one_line_naming_the_field_file_and_format(world, tmp_path,
-                                                                          capsys):
-  from absl import flags
-  from experiments import run as run_lib
-  workdir = tmp_path / "w"
-  argv = ["run", f"--config={REPO / 'configs' / 'recycle_peft.py'}", f"--workdir={workdir}",
-          f"--config.base={world['base']}", f"--config.adapters={world['adapters']['geo']}",
-          f"--config.eval={tmp_path / 'no.jsonl'}"]
-  try:
-    with pytest.raises(SystemExit) as info:
-      run_lib.main(run_lib.parse_flags(argv))
-  finally:
-    flags.FLAGS.unparse_flags()
-  lines = capsys.readouterr().err.strip().splitlines()
-  assert info.value.code == run_lib.USER_ERROR_STATUS, lines
-  assert len(lines) == 1, lines
-  assert lines[0].startswith("error: config.eval: ") and "no.jsonl' is not a file" in lines[0]
-  assert '{"prompt": ..., "answer": ...' in lines[0]
-  assert not workdir.exists()
