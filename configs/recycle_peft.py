@@ -11,12 +11,19 @@ applies to the adapters, PEFT flavour), --config.export=peft_ties (writes that m
 adapter to W/export/peft_ties/), --config.weights='(1.0,-0.5)', --config.dtype=bfloat16
 and --config.shard=True (FSDP over every accelerator).
 Eval / few-shot files: one {"prompt": ..., "answer": ...[, "group": ...]} JSON object per line.
-Expected: W/results.jsonl (one record per method and group), W/report.md (a table of exact
-match and answer log-likelihood for the base, each adapter, every merge and router),
-W/figures/. Measured 2026-12-02 on the tiny random Llama of tests/test_recycle_peft.py (3
-adapters, 8 questions, the 18 methods that apply without few-shot data or general adapters,
-export=peft_ties): 2m10s wall, 46 s of CPU (user), at nice 19 on this 2-core machine shared at
-a load average of ~3.6; most of it merging and compiling each method (~5 s a method).
+Expected: W/results.jsonl (one record per method and group; a method's record of all questions
+carries its pre-flight prediction), W/report.md (a table of exact match and answer
+log-likelihood for the base, each adapter, every merge and router, and the pre-flight's
+predicted retention of each adapter beside the measured exact match), W/preflight.json,
+W/figures/. `--config.preflight=False` skips the pre-flight.
+Measured 2026-12-03 on the tiny random Llama of tests/test_recycle_peft.py (3 adapters, 8
+questions, the 18 methods that apply without few-shot data or general adapters,
+export=peft_ties), nice 19 on this 2-core machine while another job used most of it: 61 s
+wall, 28 s of CPU (user), of which ~6 s imports (jax, transformers, torch), ~14 s compiling
+one XLA program per merge method (0.1-1.6 s each; the evaluation already shares one compiled
+forward across all merges), ~3.5 s compiling the base's and the adapters' forward, ~2.5 s
+Arrow's, ~1.3 s figures. The wall time follows the other job: the same command took 3m09s
+for 32 s of CPU an hour earlier, when it got 17 % of a core.
 """
 
 import dataclasses

@@ -126,11 +126,14 @@ def parse_flags(argv: list[str]) -> list[str]:
   value, an unknown config variant) as a user error: one line, exit status 2."""
   try:
     return flags.FLAGS(argv)
-  except (flags.Error, ValueError, AttributeError, KeyError) as e:
+  except (flags.Error, ValueError, AttributeError, KeyError, TypeError) as e:
     if "--traceback" in argv:
       raise
     message = str(e)
-    if isinstance(e, (AttributeError, KeyError)):  # ml_collections: an override of no field
+    unknown = _unknown_field(argv)
+    if unknown:
+      message = unknown
+    elif isinstance(e, (AttributeError, KeyError)):  # ml_collections: an override of no field
       message = (f"unknown config field {message.strip(chr(34) + chr(39))!r} in "
                  f"{[a for a in argv[1:] if a.startswith('--config.')]}; a locked config "
                  "takes overrides of its own fields only")
@@ -139,6 +142,32 @@ def parse_flags(argv: list[str]) -> list[str]:
       message = f"{head}: {message.strip().splitlines()[-1]}"
     print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
     sys.exit(USER_ERROR_STATUS)
+
+
+def _unknown_field(argv: list[str]) -> str | None:
+  """'unknown config field config.a.b (...); config.a has the fields [...]' for the first
+  `--config.a.b=...` override that names no field of the loaded config (None: every override
+  names a field, or no config was loaded)."""
+  source = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+  if source is None:
+    return None
+  try:  # the config as --config loads it (its overrides failed, so it holds no value)
+    config = flags.FLAGS["config"].parser.parse(source)
+  except Exception:  # noqa: BLE001 -- the file itself failed: the caller reports that
+    return None
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    name = arg.split("=", 1)[0]
+    node, where = config, "config"
+    for part in name.removeprefix("--config.").split("."):
+      if not hasattr(node, "keys"):
+        return f"unknown config field {where}.{part} ({name}): {where} is a value, not a section"
+      if part not in node:
+        return (f"unknown config field {where}.{part} ({name}); {where} has the fields "
+                f"{sorted(node.keys())}")
+      node, where = node[part], f"{where}.{part}"
+  return None
 
 
 if __name__ == "__main__":

@@ -128,6 +128,17 @@ def prompt_ids(tokenizer, prompt: str, add_bos: bool = True) -> list[int]:
   return _prefix(tokenizer, add_bos) + encode_text(tokenizer, prompt)
 
 
+def pad_id(tokenizer: PreTrainedTokenizerFast) -> int:
+  """The id rows are right-padded with: the pad token, else EOS (many Hugging Face tokenizers,
+  Llama's among them, have no pad token). Padding is never attended to by a real position
+  nor scored, so which id fills it does not change any result."""
+  if tokenizer.pad_token_id is not None:
+    return tokenizer.pad_token_id
+  if tokenizer.eos_token_id is None:
+    raise ValueError("the tokenizer has neither a pad nor an EOS token to pad rows with")
+  return tokenizer.eos_token_id
+
+
 def encode_examples(tokenizer: PreTrainedTokenizerFast, examples: Sequence[common.Example],
                     max_len: int | None = None, add_bos: bool = True) -> data_lib.Encoded:
   """Question → answer rows: [bos] prompt answer [eos], right-padded (see `data.encode`)."""
@@ -135,7 +146,7 @@ def encode_examples(tokenizer: PreTrainedTokenizerFast, examples: Sequence[commo
     raise ValueError("encode_examples got no examples")
   pairs = [(prompt_ids(tokenizer, e.prompt, add_bos), encode_text(tokenizer, e.answer))
            for e in examples]
-  return data_lib.encode(pairs, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+  return data_lib.encode(pairs, eos_id=tokenizer.eos_token_id, pad_id=pad_id(tokenizer),
                          max_len=max_len)
 
 
@@ -156,7 +167,7 @@ def encode_corpus(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str],
       if len(ids) < 2:
         raise ValueError(f"text {t!r} is too short to split without BOS")
       pairs.append((ids[:1], ids[1:]))
-  return data_lib.encode(pairs, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+  return data_lib.encode(pairs, eos_id=tokenizer.eos_token_id, pad_id=pad_id(tokenizer),
                          max_len=max_len)
 
 

@@ -148,6 +148,25 @@ def test_ties_trims_elects_and_takes_the_disjoint_mean_by_hand():
   np.testing.assert_allclose(np.asarray(got), [[3.0, 2.0, 0.0, -4.0]])
 
 
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.5, 0.99, 1.0])
+def test_trimming_keeps_each_tensors_top_entries_lower_index_on_ties(density):
+  """The batched trim keeps, in every tensor on its own, round_down(density·numel) entries
+  of largest magnitude, of equal magnitudes the lower index (PEFT's per-tensor pruning)."""
+  rng = np.random.default_rng(7)
+  x = rng.integers(-3, 4, size=(3, 6, 5)).astype(np.float32)  # many equal magnitudes
+  x[1] = rng.normal(size=(6, 5))
+  got = np.asarray(merge_lib._keep_top_each(jnp.asarray(x), density))
+  k = int(density * 30)
+  for t, g in zip(x, got):
+    flat = t.reshape(-1)
+    keep = np.argsort(-np.abs(flat), kind="stable")[:k]  # stable: the lower index first
+    want = np.zeros_like(flat)
+    want[keep] = flat[keep]
+    if density == 1.0:
+      want = flat
+    np.testing.assert_array_equal(g.reshape(-1), want)
+
+
 @settings(max_examples=4, deadline=None)
 @given(ranks=st.lists(st.integers(1, 3), min_size=1, max_size=3), k=st.integers(1, 4),
        seed=st.integers(0, 1000))

@@ -29,6 +29,7 @@ from lora_limits import tokenizer as tok_lib  # noqa: E402
 from lora_limits import tree as tree_lib  # noqa: E402
 from lora_limits.interop import qa as qa_lib  # noqa: E402
 from lora_limits.models import transformer  # noqa: E402
+from lora_limits.recycle import merge as merge_lib  # noqa: E402
 from lora_limits.recycle import recyclers  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
@@ -227,7 +228,10 @@ def test_bad_inputs_are_config_errors_before_anything_is_written(world, tmp_path
   cases = [
       (dict(eval=str(bad_eval)), r"config.eval: .*bad.jsonl: line 2 lacks the field 'answer'"),
       (dict(eval=str(unknown)), r"unknown.jsonl: line 1: words \['zebra'\]"),
-      (dict(eval=str(tmp_path / "none.jsonl")), r"config.eval: .*none.jsonl' is not a file"),
+      (dict(eval=str(tmp_path / "none.jsonl")), r"config.eval: .*none.jsonl' is not a file; "
+       r"expected a JSONL file with one \{\"prompt\": \.\.\., \"answer\""),
+      (dict(fewshot=str(tmp_path / "none.jsonl")), r"config.fewshot: .*none.jsonl' is not a "
+       "file; expected a JSONL file"),
       (dict(fewshot=str(overlap)), r"overlap.jsonl: line 1 asks the same prompt as .*line 2"),
       (dict(base=str(tmp_path)), r"config.base: .* is not a checkpoint directory"),
       (dict(adapters=str(tmp_path)), r"config.adapters: adapters\[0\]=.* does not fit"),
@@ -334,7 +338,7 @@ def test_user_errors_exit_2_with_one_line_for_every_study(world, tmp_path):
       (["--config=configs/merge_landscape.py", "--config.grid.steps=1"], "grid.steps"),
       (["--config=configs/recycle_peft.py", f"--config.base={world['base']}",
         f"--config.adapters={world['adapters']['geo']}", f"--config.eval={tmp_path}/no.jsonl"],
-       "config.eval"),
+       "no.jsonl' is not a file; expected a JSONL file with one {\"prompt\": ..., \"answer\""),
       (["--config=configs/smoke.py", "--config.no_such_key=1"], "unknown config field"),
   ]
   for args, expected in cases:
@@ -369,3 +373,97 @@ def test_sharded_base_scores_like_the_unsharded_one(world):
     scores[shard] = [study_lib.score_model(study, inputs, m)["loglik"] for m in models]
   for a, b in zip(scores[False], scores[True]):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ pre-flight
+
+
+def test_preflight_predicts_the_evaluated_merges_and_reports_them(world, tmp_path):
+  """The study runs the pre-flight before evaluating: each merge's and Arrow's predicted
+  retention per adapter goes on its results record of all questions and into report.md, and
+  it scores the very merge evaluated (DARE's drop masks included)."""
+  from lora_limits import preflight as preflight_lib
+  methods = ("peft_cat", "uniform_factors", "peft_dare_ties", "arrow", "similarity")
+  config = _config(world, methods=methods, fewshot=world["fewshot"])
+  _run_main(config, tmp_path / "w")
+  workdir = tmp_path / "w"
+  records = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
+  summary = {r["method"]: r.get("preflight") for r in records if r["group"] == "all"}
+  assert all("preflight" not in r for r in records if r["group"] != "all")
+  assert summary["base"] is None and summary["similarity"] is None  # not predicted
+  for m in ("peft_cat", "uniform_factors", "peft_dare_ties", "arrow"):
+    ret = summary[m]["retention"]
+    assert set(ret) == set(ADAPTERS) and all(0.0 <= v <= 1.0 for v in ret.values()), m
+    assert summary[m]["min_retention"] == min(ret.values())
+    assert summary[m]["erases"] == sorted(a for a, v in ret.items() if v < 0.5)
+  assert "routing_entropy" in summary["arrow"] and "capacity_ratio" in summary["peft_cat"]
+  # The predictions are those of the adapters the study evaluated.
+  study = study_lib.parse(config)
+  inputs = study_lib.load_inputs(study)
+  for m in ("peft_cat", "peft_dare_ties"):
+    merged = merge_lib.MergeResult(m, "factors", adapter=study_lib.merged_adapter(study, inputs, m))
+    want = preflight_lib.retention(inputs.adapters, merged, names=inputs.names)
+    for r in want:
+      assert summary[m]["retention"][r.adapter] == pytest.approx(r.retention, abs=1e-9), m
+  # cat is exactly the sum of the updates; factor averaging (1/K on A and on B) loses more.
+  assert min(summary["uniform_factors"]["retention"].values()) < min(
+      summary["peft_cat"]["retention"].values())
+  report = (workdir / "report.md").read_text()
+  assert "## Pre-flight: predicted retention" in report
+  for m in ("peft_cat", "uniform_factors", "peft_dare_ties", "arrow"):
+    assert f"| {m} | {summary[m]['min_retention']:.2f} |" in report
+  assert "Not predicted: `similarity`" in report
+  assert json.loads((workdir / "preflight.json").read_text())["adapters"] == list(ADAPTERS)
+  # preflight=False evaluates without it.
+  _run_main(_config(world, methods=("peft_cat",), preflight=False), tmp_path / "off")
+  records = [json.loads(line) for line in
+             (tmp_path / "off" / "results.jsonl").read_text().splitlines()]
+  assert not any("preflight" in r for r in records)
+  assert "Not run: config.preflight=False" in (tmp_path / "off" / "report.md").read_text()
+  assert not (tmp_path / "off" / "preflight.json").exists()
+
+
+# -------------------------------------------------------------------- tokenizer without pad
+
+
+@pytest.fixture(scope="module")
+def base_without_pad(world):
+  """The world's base with a tokenizer that has no pad token (as Llama's)."""
+  import shutil
+  base = world["root"] / "base_nopad"
+  shutil.copytree(world["base"], base)
+  tok = tr.AutoTokenizer.from_pretrained(base)
+  tok.pad_token = None
+  tok.save_pretrained(base)
+  assert tr.AutoTokenizer.from_pretrained(base).pad_token_id is None
+  return str(base)
+
+
+def test_lorahub_and_similarity_pad_with_eos_when_the_tokenizer_has_no_pad(world,
+                                                                           base_without_pad):
+  """Rows pad with EOS when the tokenizer has no pad token; padding is never attended to nor
+  scored, so LoraHub's search, similarity routing and every score are the same as with a
+  pad token (any pad-dependence, or a None pad, would show here)."""
+  got = {}
+  for base in (world["base"], base_without_pad):
+    study = study_lib.parse(_config(world, base=base, fewshot=world["fewshot"],
+                                     methods=("lorahub", "similarity")))
+    inputs = study_lib.load_inputs(study)
+    got[base] = (inputs, {m.name: (m.extra, study_lib.score_model(study, inputs, m))
+                          for m in study_lib.build_models(study, inputs)})
+  (with_pad, scored), (without, scored_nopad) = got[world["base"]], got[base_without_pad]
+  tok = world["tok"]
+  assert with_pad.pad_id == tok.pad_token_id and without.pad_id == tok.eos_token_id
+  assert with_pad.pad_id != without.pad_id
+  padded = with_pad.eval_rows["tokens"] == with_pad.pad_id
+  assert padded.any()  # the questions differ in length, so rows are padded
+  assert (without.eval_rows["tokens"][padded] == tok.eos_token_id).all()
+  assert scored.keys() == scored_nopad.keys() and {"lorahub", "similarity"} <= scored.keys()
+  for name in scored:
+    extra, scores = scored[name]
+    extra_nopad, scores_nopad = scored_nopad[name]
+    assert extra == extra_nopad, name  # LoraHub's weights found on the few-shot rows
+    np.testing.assert_array_equal(scores["exact"], scores_nopad["exact"], err_msg=name)
+    np.testing.assert_allclose(scores["loglik"], scores_nopad["loglik"], rtol=0, atol=1e-5,
+                               err_msg=name)
+

@@ -332,3 +332,27 @@ def test_a_user_error_is_one_line_and_exit_status_2_for_every_study(study, tmp_p
   assert len(lines) == 1 and lines[0].startswith("error: "), lines
   assert field.split(".")[-1] in lines[0], lines
   assert not workdir.exists()
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # config_flags
+@pytest.mark.parametrize("config,override,expected", [
+    ("preflight.py", "--config.model.d_model=-3",  # a field of other studies' configs
+     "unknown config field config.model (--config.model.d_model); config has the fields ["),
+    ("smoke.py", "--config.model.no_such=1", "config.model has the fields ['d_ff', 'd_model'"),
+    ("smoke.py", "--config.seeds.x=1", "config.seeds is a value, not a section"),
+])
+def test_overrides_of_no_field_are_one_line_listing_the_fields_there(
+    config, override, expected, tmp_path, capsys):
+  from absl import flags
+  workdir = tmp_path / "w"
+  argv = ["run", f"--config={CONFIG_DIR / config}", f"--workdir={workdir}", override]
+  try:
+    with pytest.raises(SystemExit) as info:
+      run_lib.main(run_lib.parse_flags(argv))
+  finally:
+    flags.FLAGS.unparse_flags()
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert info.value.code == run_lib.USER_ERROR_STATUS, lines
+  assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+  assert "\\" not in lines[0]  # not the escaped repr of ml_collections' KeyError
+  assert not workdir.exists()

@@ -12,9 +12,13 @@ the merges (PEFT's `add_weighted_adapter` combination types as `peft_<type>`; by
 zoo's own merges only where PEFT has no such type, e.g. WUDI) and the routers (Arrow,
 GenKnowSub + Arrow with `general` adapters; LoraHub and similarity selection with `fewshot`
 data) on the questions of `eval`: teacher-forced exact match (the greedy continuation starts with the answer) and the
-answer's log-likelihood. Writes `config.json`, `results.jsonl` (one record per method and
-group), `report.md`, `figures/`, `timings.json` and, with `export=METHOD`, that merge as a
-PEFT adapter directory `export/METHOD/` (loads with `PeftModel.from_pretrained`).
+answer's log-likelihood. Before evaluating, the pre-flight diagnostics (`lora_limits.preflight`,
+from the weights alone; `preflight=False` skips them) predict each merge's and Arrow's
+retention of every adapter. Writes `config.json`, `preflight.json`, `results.jsonl` (one record
+per method and group; a method's record of all questions carries its `preflight` summary),
+`report.md` (with a pre-flight section: predicted retention beside measured exact match),
+`figures/`, `timings.json` and, with `export=METHOD`, that merge as a PEFT adapter directory
+`export/METHOD/` (loads with `PeftModel.from_pretrained`).
 
 Input problems (a missing or malformed file, an adapter of another model, methods that do
 not apply to these adapters) are `schema.ConfigError`s naming the field, the file and what is
@@ -41,6 +45,7 @@ from experiments import schema
 from lora_limits import data as data_lib
 from lora_limits import exact_match as eval_lib
 from lora_limits import lora as lora_lib
+from lora_limits import preflight as preflight_lib
 from lora_limits import sharding as shard_lib
 from lora_limits import tokenizer as tok_lib
 from lora_limits import tree as tree_lib
@@ -98,6 +103,8 @@ class RecyclePeftStudy:
   lorahub_generations: int = 10
   similarity_top_k: int = 1
   seed: int = 0
+  preflight: bool = True  # predict each merge's and Arrow's retention from the weights first
+  erase_below: float = 0.5  # pre-flight: a predicted retention below this erases an adapter
 
   def __post_init__(self):
     if self.study != "recycle_peft":
@@ -130,6 +137,8 @@ class RecyclePeftStudy:
       raise ValueError(f"config.density must be in (0, 1], got {self.density!r}")
     if not self.arrow_temperature > 0:
       raise ValueError(f"config.arrow_temperature must be > 0, got {self.arrow_temperature!r}")
+    if not 0.0 < self.erase_below < 1.0:
+      raise ValueError(f"config.erase_below must be in (0, 1), got {self.erase_below!r}")
 
 
 def parse(config: Any) -> RecyclePeftStudy:
@@ -234,9 +243,7 @@ def _encode(field: str, qas: Sequence[qa_lib.QA], tokenizer, cfg: transformer.Mo
       raise _error(field, f"{where}: {len(prompt) + len(answer) + 1} tokens exceed the base "
                    f"model's {cfg.max_len} positions")
     pairs.append((prompt, answer))
-  rows = data_lib.encode(pairs, eos_id=tokenizer.eos_token_id,
-                         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                         else tokenizer.eos_token_id)
+  rows = data_lib.encode(pairs, eos_id=tokenizer.eos_token_id, pad_id=tok_lib.pad_id(tokenizer))
   if not answer_eos:  # score the answer tokens only, not the EOS after them
     rows["answer_len"] = rows["answer_len"] - 1
   return rows
@@ -285,6 +292,11 @@ def load_inputs(study: RecyclePeftStudy) -> Inputs:
           "adapters": "comma-separated PEFT LoRA adapter directories",
           "eval": "a JSONL file with one {\"prompt\": ..., \"answer\": ...} per line"}[field]
           + ")")
+  for field in ("eval", "fewshot"):
+    path = getattr(study, field)
+    if path and not pathlib.Path(path).is_file():
+      raise _error(field, f"{path!r} is not a file; expected a JSONL file with one "
+                   '{"prompt": ..., "answer": ...[, "group": ...]} object per line')
   try:
     eval_qa = qa_lib.read(study.eval)
   except ValueError as e:
@@ -354,8 +366,7 @@ def load_inputs(study: RecyclePeftStudy) -> Inputs:
                  f"exportable methods that apply: {[m for m in exportable() if m in applicable]}")
   if study.export and study.export not in chosen:
     chosen.append(study.export)
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
-      tokenizer.eos_token_id)
+  pad_id = tok_lib.pad_id(tokenizer)  # the pad token, else EOS (LoraHub's rows pad alike)
   eval_rows = _encode("eval", eval_qa, tokenizer, cfg, study.answer_eos)
   fewshot_rows = (_encode("fewshot", fewshot_qa, tokenizer, cfg, study.answer_eos)
                   if fewshot_qa else None)
@@ -485,6 +496,92 @@ def build_models(study: RecyclePeftStudy, inputs: Inputs) -> Iterator[Model]:
     yield Model(method, "router" if routed else "merge", recycled, entry.data_free, extra)
 
 
+# ---------------------------------------------------------------------------- pre-flight
+
+
+def preflight_specs(study: RecyclePeftStudy, inputs: Inputs
+                    ) -> tuple[list[preflight_lib.MethodConfig], dict[str, str]]:
+  """The chosen methods the pre-flight predicts (every merge, with the options, weights and
+  key its recycler uses, so it scores the very merge that is evaluated; Arrow), and why the
+  others are not predicted."""
+  specs, skipped = [], {}
+  k = len(inputs.adapters)
+  for m in inputs.methods:
+    flavor = "peft" if m.startswith(recyclers.PEFT_PREFIX) else "default"
+    name = m.removeprefix(recyclers.PEFT_PREFIX) if flavor == "peft" else m
+    if m == "arrow":
+      specs.append(preflight_lib.MethodConfig(m, "arrow", {
+          "top_k": min(study.arrow_top_k, k), "temperature": study.arrow_temperature}))
+    elif name in (merge_lib.PEFT_METHODS if flavor == "peft" else merge_lib.METHODS):
+      info = merge_lib.method_info(name, flavor)
+      options = recyclers.get(m).resolve(method_options(study, m, k, len(inputs.fewshot_qa)))
+      if info.random:
+        options["key"] = jax.random.key(study.seed)
+      specs.append(preflight_lib.MethodConfig(m, name, options, inputs.weights, flavor))
+    else:
+      skipped[m] = ("a data-driven or per-query method: the pre-flight predicts data-free "
+                    "merges and Arrow only")
+  return specs, skipped
+
+
+def run_preflight(study: RecyclePeftStudy, inputs: Inputs) -> dict[str, Any]:
+  """`preflight.check_library` on the adapters and the chosen methods, from the weights alone:
+  {"methods": {method: {retention, probe_retention, capacity | router, detail}}, "verdicts",
+  "bridge", "capacity", "baselines", "adapters", "not_predicted": {method: why}}."""
+  specs, skipped = preflight_specs(study, inputs)
+  out = preflight_lib.check_library(
+      inputs.params, dict(zip(inputs.names, inputs.adapters)), specs,
+      erase_below=study.erase_below, head_dim=inputs.cfg.resolved_head_dim,
+      activation=inputs.cfg.activation)
+  out["not_predicted"] = skipped
+  return out
+
+
+def preflight_summary(entry: Mapping[str, Any], erase_below: float) -> dict[str, Any]:
+  """What a method's results record carries of its pre-flight entry."""
+  ret = entry["retention"]
+  out: dict[str, Any] = {"retention": dict(ret), "min_retention": min(ret.values()),
+                         "erases": sorted(a for a, r in ret.items() if r < erase_below)}
+  if "probe_retention" in entry:
+    out["probe_retention"] = dict(entry["probe_retention"])
+    out["min_probe_retention"] = min(entry["probe_retention"].values())
+  if "capacity" in entry:
+    out["capacity_ratio"] = entry["capacity"]["min_ratio"]
+  if "router" in entry:
+    out["routing_entropy"] = entry["router"]["routing_entropy"]
+    out["self_weight"] = dict(entry["router"]["self_weight"])
+  return out
+
+
+def preflight_section(preflight: Mapping[str, Any] | None, skipped_reason: str | None,
+                      records: Sequence[Mapping[str, Any]], erase_below: float) -> list[str]:
+  """report.md's pre-flight section: predicted retention next to the measured exact match."""
+  lines = ["", "## Pre-flight: predicted retention", ""]
+  if preflight is None:
+    return lines + [f"Not run: {skipped_reason}."]
+  lines += [f"From the weights alone, before any evaluation (`lora_limits/preflight.py`): "
+            "how much of each adapter's own update a method keeps on that adapter's keys "
+            "(1: all of it; below "
+            f"{erase_below} the adapter counts as erased), and on probe inputs drawn from the "
+            "base model's embeddings. Measured exact match beside it.", ""]
+  names = preflight["adapters"]
+  lines += ["| method | min retention | " + " | ".join(names) + " | min probe retention | "
+            "capacity | exact match |", "|---|---|" + "---|" * len(names) + "---|---|---|"]
+  measured = {r["method"]: r["exact_match"] for r in records if r["group"] == "all"}
+  for m, entry in preflight["methods"].items():
+    s = preflight_summary(entry, erase_below)
+    probe = f"{s['min_probe_retention']:.2f}" if "min_probe_retention" in s else "–"
+    cap = f"{s['capacity_ratio']:.2f}" if "capacity_ratio" in s else "router"
+    em = f"{measured[m]:.3f}" if m in measured else "–"
+    lines.append(f"| {m} | {s['min_retention']:.2f} | " + " | ".join(
+        f"{s['retention'][n]:.2f}" for n in names) + f" | {probe} | {cap} | {em} |")
+  if preflight["not_predicted"]:
+    lines += ["", "Not predicted: " + "; ".join(
+        f"`{m}` ({why})" for m, why in preflight["not_predicted"].items()) + "."]
+  lines += ["", "Verdicts:", ""] + [f"- {v}" for v in preflight["verdicts"]]
+  return lines
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -498,9 +595,10 @@ def score_model(study: RecyclePeftStudy, inputs: Inputs, model: Model) -> dict[s
           "tokens": out["tokens"]}
 
 
-def records_for(model: Model, scores: Mapping[str, np.ndarray],
-                groups: Sequence[str]) -> list[dict[str, Any]]:
-  """One record for all questions and one per group."""
+def records_for(model: Model, scores: Mapping[str, np.ndarray], groups: Sequence[str],
+                preflight: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+  """One record for all questions and one per group; `preflight` (the method's pre-flight
+  summary) goes on the record of all questions."""
   groups_arr = np.asarray(groups)
   names = ["all"] + (sorted(set(groups)) if len(set(groups)) > 1 else [])
   out = []
@@ -514,6 +612,8 @@ def records_for(model: Model, scores: Mapping[str, np.ndarray],
            "data_free": model.data_free}
     if model.extra:
       rec["extra"] = model.extra
+    if preflight is not None and g == "all":
+      rec["preflight"] = dict(preflight)
     out.append(rec)
   return out
 
@@ -594,7 +694,8 @@ def plot(records: Sequence[Mapping[str, Any]], workdir: pathlib.Path) -> list[st
 
 def report_text(study: RecyclePeftStudy, inputs: Inputs, records: Sequence[Mapping[str, Any]],
                 figures: Sequence[str], exported: pathlib.Path | None,
-                workdir: pathlib.Path) -> str:
+                workdir: pathlib.Path, preflight: Mapping[str, Any] | None = None,
+                preflight_skipped: str | None = "config.preflight=False") -> str:
   groups = sorted({r["group"] for r in records} - {"all"})
   lines = ["# Recycling your PEFT adapters", "",
            f"Base `{study.base}` ({inputs.arch}, {transformer.num_params(inputs.params):,} "
@@ -631,6 +732,7 @@ def report_text(study: RecyclePeftStudy, inputs: Inputs, records: Sequence[Mappi
   if exported is not None:
     lines += ["", f"Exported `{study.export}` as a PEFT adapter: `{exported.relative_to(workdir)}` "
               "(load with `PeftModel.from_pretrained(base_model, path)`)."]
+  lines += preflight_section(preflight, preflight_skipped, records, study.erase_below)
   lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
   lines += ["", "Numbers are for these questions only; with few questions, differences of a "
             "few points are noise. `results.jsonl` holds every record."]
@@ -647,9 +749,24 @@ def main(config, workdir: pathlib.Path) -> None:
   common.log(f"{len(inputs.adapters)} adapters, {len(inputs.eval_qa)} questions, methods "
              f"{inputs.methods}" + (f"; not applicable: {sorted(inputs.skipped)}"
                                     if inputs.skipped else ""))
-  # Pre-flight diagnostics (issue 16, `lora_limits/preflight.py`) belong here: every input is
-  # read and checked, nothing is written yet, no model has been evaluated.
+  # Pre-flight diagnostics: every input is read and checked, no model has been evaluated.
+  preflight, preflight_skipped = None, "config.preflight=False"
+  if study.preflight:
+    with common.stage("pre-flight", timings):
+      try:
+        preflight = run_preflight(study, inputs)
+      except ValueError as e:  # a model the diagnostics do not cover: evaluate anyway
+        preflight_skipped = f"the diagnostics do not apply to this model ({e})"
+        common.log(f"pre-flight skipped: {preflight_skipped}")
+  summaries = {m: preflight_summary(e, study.erase_below)
+               for m, e in (preflight or {}).get("methods", {}).items()}
+  if summaries:
+    common.log("pre-flight, lowest predicted retention: " + ", ".join(
+        f"{m} {s['min_retention']:.2f}" for m, s in summaries.items()) + " (verdicts in "
+        "report.md)")
   common.write_json(workdir / "config.json", schema.to_dict(study))
+  if preflight is not None:
+    common.write_json(workdir / "preflight.json", preflight)
   records = []
   groups = [q.group for q in inputs.eval_qa]
   exported = None
@@ -657,7 +774,8 @@ def main(config, workdir: pathlib.Path) -> None:
   with common.stage(f"recycle and evaluate {count} models", timings):
     progress = common.Progress("evaluate", count, every=2.0)
     for i, model in enumerate(build_models(study, inputs)):
-      records += records_for(model, score_model(study, inputs, model), groups)
+      records += records_for(model, score_model(study, inputs, model), groups,
+                             summaries.get(model.name))
       if model.name == study.export:
         exported = export_adapter(study, inputs, model.recycled.adapter, workdir)
       progress.update(i + 1, model.name)
@@ -666,7 +784,8 @@ def main(config, workdir: pathlib.Path) -> None:
   figures = plot(records, workdir)
   common.write_jsonl(workdir / "results.jsonl", records)
   common.atomic_write_text(workdir / "report.md",
-                           report_text(study, inputs, records, figures, exported, workdir))
+                           report_text(study, inputs, records, figures, exported, workdir,
+                                       preflight, preflight_skipped))
   timings["total"] = round(time.time() - start, 2)
   common.write_json(workdir / "timings.json", timings)
   best = max((r for r in records if r["group"] == "all"), key=lambda r: r["exact_match"])
