@@ -540,7 +540,10 @@ def side_effects_markdown(records: Sequence[Mapping[str, Any]], task: str, *,
   """What every adapter and recycled model does to what the base already knew: the filler
   probes (extraction; CoT on never-composed fillers), next to the base model."""
   c = cells(records, task)
-  models = sorted({(key[1], key[2]) for key in c if key[0] == FILLER and key[1] != "gate"},
+  dup = duplicate_methods(records, task)  # identical everywhere: listed once, as above
+  hidden = {m for same in dup.values() for m in same}
+  models = sorted({(key[1], key[2]) for key in c if key[0] == FILLER and key[1] != "gate"
+                   and not (key[1] not in ("none", "single") and key[2] in hidden)},
                   key=lambda lm: (("none", "single", "two", "two_plus_target").index(lm[0])
                                   if lm[0] in ("none", "single", "two", "two_plus_target")
                                   else 9, lm[1]))
@@ -552,5 +555,7 @@ def side_effects_markdown(records: Sequence[Mapping[str, Any]], task: str, *,
     hops = [c.get((FILLER, lib, m, "direct", f"test_hop{i}")) for i in range(1, k + 1)]
     hop = (float(np.mean([h.mean for h in hops])) if all(hops) else None)
     cot = c.get((FILLER, lib, m, COT, "test_two_hop_cot"))
-    lines.append(f"| {lib} | {m} | {_r(hop)} | {cot.fmt() if cot else '–'} |")
+    label = m + (f" (= {', '.join(dup[m])})" if m in dup and lib not in ("none", "single")
+                 else "")
+    lines.append(f"| {lib} | {label} | {_r(hop)} | {cot.fmt() if cot else '–'} |")
   return lines

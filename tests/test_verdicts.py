@@ -160,6 +160,14 @@ def test_identical_methods_are_found_once():
   assert v.duplicate_methods(records, "two_hop") == {"sum": ["cat"]}
 
 
+def test_side_effects_list_identical_methods_once():
+  records = [rec("filler", "none", "base", "test_hop1", 0.99, seed=s) for s in SEEDS]
+  for m, acc in (("sum", 0.3), ("cat", 0.3), ("ties", 0.4)):
+    records += [rec(t, "two", m, "test_hop1", acc, seed=s) for s in SEEDS for t in ("F", "filler")]
+  rows = [line.split(" | ")[1] for line in v.side_effects_markdown(records, "two_hop", k=1)[2:]]
+  assert rows == ["base", "sum (= cat)", "ties"]
+
+
 def test_intervals_widen_with_seed_spread():
   mean, lo, hi = v.interval([0.5, 0.5, 0.5], [48, 48, 48])
   assert lo < 0.5 < hi  # Wilson keeps identical seeds honest
