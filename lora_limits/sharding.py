@@ -126,9 +126,14 @@ def put_replicated(tree: Any, sharding: NamedSharding) -> Any:
   there, arrays on this process's devices go through the host (each process holds the same
   values and fills its own devices; the CPU backend has no cross-host device transfers)."""
   if jax.process_count() > 1:
-    tree = jax.tree.map(
-        lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x,
-        tree)
+    def one(x):
+      if not (isinstance(x, jax.Array) and x.is_fully_addressable):
+        return jax.device_put(x, sharding)
+      if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # a key: its data, rewrapped
+        return jax.random.wrap_key_data(jax.device_put(np.asarray(jax.random.key_data(x)),
+                                                       sharding), impl=jax.random.key_impl(x))
+      return jax.device_put(np.asarray(x), sharding)
+    return jax.tree.map(one, tree)
   return jax.device_put(tree, sharding)
 
 
