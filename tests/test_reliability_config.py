@@ -315,13 +315,20 @@ STUDY_CONFIGS = {c.study: n for n, c in reversed(list(CONFIGS.items()))}  # firs
 def test_a_user_error_is_one_line_and_exit_status_2_for_every_study(study, tmp_path, capsys):
   """In process (no JAX start-up of a subprocess): `experiments.run` with a bad field of each
   study prints `error: ...` naming the field, exits 2 and leaves no workdir behind."""
-  from absl import flags
   name = STUDY_CONFIGS[study]
   path, _, variant = name.partition(":")
   field = _first_int_field(CONFIGS[name])
   workdir = tmp_path / "w"
   argv = ["run", f"--config={CONFIG_DIR / path}.py" + (f":{variant}" if variant else ""),
           f"--workdir={workdir}", f"--config.{field}=-1"]
+  line = _one_line_user_error(argv, capsys)
+  assert field.split(".")[-1] in line, line
+  assert not workdir.exists()
+
+
+def _one_line_user_error(argv: list[str], capsys) -> str:
+  """Runs `experiments.run` in process; asserts exit status 2 and one `error: ` line."""
+  from absl import flags
   try:
     with pytest.raises(SystemExit) as info:
       run_lib.main(run_lib.parse_flags(argv))
@@ -330,8 +337,7 @@ def test_a_user_error_is_one_line_and_exit_status_2_for_every_study(study, tmp_p
   lines = capsys.readouterr().err.strip().splitlines()
   assert info.value.code == run_lib.USER_ERROR_STATUS, lines
   assert len(lines) == 1 and lines[0].startswith("error: "), lines
-  assert field.split(".")[-1] in lines[0], lines
-  assert not workdir.exists()
+  return lines[0]
 
 
 @pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # config_flags
@@ -343,16 +349,9 @@ def test_a_user_error_is_one_line_and_exit_status_2_for_every_study(study, tmp_p
 ])
 def test_overrides_of_no_field_are_one_line_listing_the_fields_there(
     config, override, expected, tmp_path, capsys):
-  from absl import flags
   workdir = tmp_path / "w"
   argv = ["run", f"--config={CONFIG_DIR / config}", f"--workdir={workdir}", override]
-  try:
-    with pytest.raises(SystemExit) as info:
-      run_lib.main(run_lib.parse_flags(argv))
-  finally:
-    flags.FLAGS.unparse_flags()
-  lines = capsys.readouterr().err.strip().splitlines()
-  assert info.value.code == run_lib.USER_ERROR_STATUS, lines
-  assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
-  assert "\\" not in lines[0]  # not the escaped repr of ml_collections' KeyError
+  line = _one_line_user_error(argv, capsys)
+  assert expected in line, line
+  assert "\\" not in line  # not the escaped repr of ml_collections' KeyError
   assert not workdir.exists()
