@@ -543,7 +543,7 @@ def side_effects_markdown(records: Sequence[Mapping[str, Any]], task: str, *,
   dup = duplicate_methods(records, task)  # identical everywhere: listed once, as above
   hidden = {m for same in dup.values() for m in same}
   models = sorted({(key[1], key[2]) for key in c if key[0] == FILLER and key[1] != "gate"
-                   and not (key[1] not in ("none", "single") and key[2] in hidden)},
+                   and (key[1] in ("none", "single") or key[2] not in hidden)},
                   key=lambda lm: (("none", "single", "two", "two_plus_target").index(lm[0])
                                   if lm[0] in ("none", "single", "two", "two_plus_target")
                                   else 9, lm[1]))

@@ -466,4 +466,3 @@ def test_lorahub_and_similarity_pad_with_eos_when_the_tokenizer_has_no_pad(world
     np.testing.assert_array_equal(scores["exact"], scores_nopad["exact"], err_msg=name)
     np.testing.assert_allclose(scores["loglik"], scores_nopad["loglik"], rtol=0, atol=1e-5,
                                err_msg=name)
-

@@ -395,7 +395,6 @@ def name_inventory(settings: TwoHopConfig) -> tuple[str, ...]:
   return tuple(out[:need])
 
 
-
 class _TokenNames:
   """Draws one-word names from the inventory in a seeded order (no name twice)."""
 
