@@ -23,7 +23,7 @@ seeds 0/1/2, with them → without: base CoT on never-composed fillers 0.97/0.78
 after another statement of its own data (`adapters.in_context=2` copies each): `make run`
 on 2026-12-03 (the same base models as the day before): hop2 on tier-F bridge-stated
 questions 1.00/1.00/1.00, every gate passed on seeds 1 and 2, seed 0's experts 0.84/0.84
-on held-out forms (gate 0.9). Statements are therefore trained as text
+on held-out forms (gate 0.9). So statements are now trained as text
 (`adapters.statements='text'`: the loss on every word after the subject) at a lower rate for
 longer (`learning_rate=5e-3`, `max_steps=800`).
 `make run` on 2026-12-03 with them: every gate passed on every seed (held-out forms hop1
